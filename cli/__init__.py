@@ -1,0 +1,1 @@
+"""The `wasi-compress` command line: thin click commands over the Python API."""

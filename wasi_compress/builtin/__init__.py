@@ -1,0 +1,1 @@
+"""Models that ship inside the package (weights as safetensors, provenance beside them)."""

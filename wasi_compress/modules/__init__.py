@@ -1,0 +1,1 @@
+"""nn.Modules and autograd functions of the method: subspace linears, compressed activations."""
