@@ -1,0 +1,95 @@
+"""Options and helpers shared by the commands: the MODEL argument, progress bars, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from wasi_compress.errors import UserError
+
+
+def model_options(f: Callable) -> Callable:
+    """MODEL plus the options that say how to load it (see wasi_compress.loading)."""
+    decorators = [
+        click.argument("model"),
+        click.option("--arch", default=None, help="Architecture for a weights file: timm:<name> or package.module:factory."),
+        click.option("--weights", default=None, type=click.Path(dir_okay=False), help="Weights for MODEL given as an architecture."),
+        click.option("--trust-pickle", is_flag=True, help="Allow unpickling a torch file (can run code: only for files you trust)."),
+        click.option("--num-classes", type=int, default=None, help="Classifier size, passed to timm or the factory."),
+        click.option("--img-size", type=int, default=None, help="Input resolution, passed to timm or the factory."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def load_from_options(model: str, arch, weights, trust_pickle, num_classes, img_size):
+    from wasi_compress.loading import load_model
+
+    return load_model(model, arch=arch, weights=weights, trust_pickle=trust_pickle,
+                      num_classes=num_classes, img_size=img_size)
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise UserError(f"{what}: expected comma-separated numbers such as 0.5,0.8,0.9, got {text!r}") from exc
+
+
+def console_for(json_path: str | None) -> Console:
+    """Human output goes to stderr when JSON goes to stdout, so `--json -` pipes cleanly. Off a
+    terminal (CI logs, pipes) rich would wrap tables at 80 columns; 132 keeps layer tables readable."""
+    console = Console(stderr=json_path == "-")
+    return console if console.is_terminal else Console(stderr=json_path == "-", width=132)
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A rich progress bar driven by an on_progress(done, total, what) callback."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[what]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None, what="")
+
+        def update(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, what=what[:60])
+
+        yield update
+
+
+def device_option(f: Callable) -> Callable:
+    return click.option("--device", default="cpu", show_default=True, help="torch device to run on (cpu, cuda, cuda:1, ...).")(f)
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def wraps_user_errors(f: Callable) -> Callable:
+    """Errors from torch on bad shapes (e.g. a wrong --input-size) become one line, not a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            if isinstance(exc, UserError):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"{f.__name__.replace('_', ' ')} failed: {first}") from exc
+
+    return wrapper

@@ -1,0 +1,109 @@
+"""`wasi-compress analyze MODEL`: per linear layer, how compressible the model is and where its training
+memory goes. Thin: options -> wasi_compress.analysis.analyze -> table / JSON / report."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from wasi_compress.cli._common import (
+    check_device, console_for, device_option, load_from_options, model_options, parse_float_list, progress_bar,
+    wraps_user_errors,
+)
+from wasi_compress.errors import UserError
+from wasi_compress.units import format_bytes
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(int(n))
+
+
+def render(doc: dict, console) -> None:
+    thresholds = [k for k in doc["layers"][0]["ranks"]] if doc["layers"] else []
+    table = Table(title=f"{doc['model']}: {len(doc['layers'])} linear layers (capture: {doc['capture']})", title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("role")
+    table.add_column("out x in", justify="right")
+    table.add_column("act. bytes", justify="right")
+    table.add_column(f"rank at {'/'.join(thresholds)}", justify="right")
+    table.add_column("break-even", justify="right")
+    for layer in doc["layers"]:
+        act = format_bytes(layer["activation_bytes"]) if layer["activation_bytes"] else "n/a"
+        ranks = "/".join(str(layer["ranks"][t]) for t in thresholds)
+        table.add_row(layer["name"], layer["role"], f"{layer['out_features']}x{layer['in_features']}", act, ranks,
+                      str(layer["break_even_rank"]))
+    console.print(table)
+
+    tot, lin = doc["totals"], doc["totals"]["linear"]
+    summary = Table(title=f"training memory of one step at batch {doc['batch_size']} ({doc['dtype']})", title_justify="left")
+    summary.add_column("")
+    summary.add_column("whole model", justify="right")
+    summary.add_column("linear layers", justify="right")
+    summary.add_column("source")
+    rows = [
+        ("params", _count(tot["params"]), _count(lin["params"]), "counted"),
+        ("weights", format_bytes(tot["weight_bytes"]), format_bytes(lin["weight_bytes"]), "derived"),
+        ("FLOPs (fvcore, 1 MAC = 1)", _count(tot["flops"]), _count(lin["flops"]), "measured / derived"),
+    ]
+    tm, lm = tot["train_memory"], lin["train_memory"]
+    rows += [
+        ("gradients", format_bytes(tm["grads_bytes"]), format_bytes(lm["grads_bytes"]), "derived"),
+        ("SGD momentum state", format_bytes(tm["optimizer_bytes"]["sgd_momentum"]), format_bytes(lm["optimizer_bytes"]["sgd_momentum"]), "derived"),
+        ("AdamW state", format_bytes(tm["optimizer_bytes"]["adamw"]), format_bytes(lm["optimizer_bytes"]["adamw"]), "derived"),
+        ("saved activations", format_bytes(tm["saved_activation_bytes"]), format_bytes(lm["saved_activation_bytes"]), "measured"),
+        ("total (AdamW)", format_bytes(tm["total_bytes"]), format_bytes(lm["total_bytes"]), "derived"),
+    ]
+    for row in rows:
+        summary.add_row(*row)
+    console.print(summary)
+    if doc.get("capture_note"):
+        console.print(f"[yellow]note:[/] {doc['capture_note']}", highlight=False)
+    for item in doc["skipped"]:
+        console.print(f"[yellow]skipped[/] {item['name']}: {item['reason']}", highlight=False)
+    for note in doc.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@click.command("analyze")
+@model_options
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size of the example input.")
+@click.option("--input-size", default=None, help="C,H,W of the input (default: the model's).")
+@click.option("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99", show_default=True, help="Explained-variance thresholds.")
+@click.option("--json", "json_path", default=None, help="Write the analyze/1 JSON document here ('-' for stdout).")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
+@device_option
+@wraps_user_errors
+def command(model, arch, weights, trust_pickle, num_classes, img_size, batch_size, input_size, thresholds,
+            json_path, report_dir, device):
+    """Show, per linear layer, how compressible MODEL is and where its training memory goes."""
+    from wasi_compress.analysis import analyze
+    from wasi_compress.fileio import write_json
+
+    console = console_for(json_path)
+    size = None
+    if input_size:
+        try:
+            size = tuple(int(v) for v in input_size.split(","))
+        except ValueError:
+            size = ()
+        if len(size) != 3 or min(size) < 1:
+            raise UserError(f"--input-size: expected C,H,W such as 3,224,224, got {input_size!r}")
+    loaded = load_from_options(model, arch, weights, trust_pickle, num_classes, img_size)
+    with progress_bar(console, "analyzing") as on_progress:
+        doc = analyze(loaded, batch_size=batch_size, input_size=size,
+                      thresholds=parse_float_list(thresholds, "--thresholds"), device=check_device(device),
+                      on_progress=on_progress)
+    render(doc, console)
+    if json_path:
+        write_json(json_path, doc)
+        if json_path != "-":
+            console.print(f"wrote {json_path}")
+    if report_dir:
+        from wasi_compress.report_html import write_report
+
+        console.print(f"wrote {write_report(report_dir, analyze=doc)}")
