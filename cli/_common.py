@@ -51,10 +51,11 @@ def console_for(json_path: str | None) -> Console:
 
 @contextlib.contextmanager
 def progress_bar(console: Console, description: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A rich progress bar driven by an on_progress(done, total, what) callback."""
+    """A rich progress bar driven by an on_progress(done, total, what) callback. Off a terminal it is
+    disabled: there it would only leave a stray blank line in the output."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[what]}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=None, what="")
 
         def update(done: int, total: int, what: str) -> None:
@@ -80,16 +81,19 @@ def check_device(device: str) -> str:
 
 
 def wraps_user_errors(f: Callable) -> Callable:
-    """Errors from torch on bad shapes (e.g. a wrong --input-size) become one line, not a traceback."""
+    """Errors from torch on bad shapes (e.g. a wrong --input-size) become one line, not a traceback. timm
+    checks input sizes with assertions (torch._assert), so AssertionError is one of them."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         try:
             return f(*args, **kwargs)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, AssertionError) as exc:
             if isinstance(exc, UserError):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise UserError(f"{f.__name__.replace('_', ' ')} failed: {first}") from exc
+            ctx = click.get_current_context(silent=True)
+            name = ctx.info_name if ctx is not None else f.__name__
+            raise UserError(f"{name} failed: {first}") from exc
 
     return wrapper

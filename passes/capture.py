@@ -7,6 +7,9 @@ silently: a linear that will not be handled is listed in ``skipped`` with its re
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.overrides import TorchFunctionMode
 
 from wasi_compress import _compat  # noqa: F401  (before timm)
 
@@ -162,10 +166,11 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
     try:
         gm = trace(model)
     except Exception as exc:  # fx raises many error types (TraceError, TypeError, AssertionError...)
-        note = f"fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears were found with forward hooks, functional linears cannot be seen"
+        note = f"fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears were found with forward hooks; functional linears are listed as skipped"
 
     functional: list[LinearSite] = []
     order: dict[str, int] = {}
+    seen_functional: dict[str, None] = {}  # hooks path: parameters used as F.linear weights outside linear modules
     was_training = model.training
     model.eval()
     try:
@@ -173,36 +178,88 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
             if gm is not None:
                 handles = _record_module_calls(gm, module_sites)
                 try:
-                    ShapeProp(gm).propagate(*example)
+                    _propagate_shapes(gm, example)
+                except Exception as exc:
+                    # The traced graph does not run on the example. Run the model itself: if it fails too,
+                    # its own error (e.g. a wrong input size, with real numbers) is what the user must see;
+                    # if it runs, the graph is unfaithful and capture falls back to hooks, saying why.
+                    model(*example)
+                    gm = None
+                    note = (f"fx traced {type(model).__name__} but the graph failed on the example input "
+                            f"({type(exc.__cause__ or exc).__name__}: {_first_line(exc.__cause__ or exc)}); "
+                            "linears were found with forward hooks")
+                    for site in module_sites.values():
+                        site.calls, site.input_shape, site.output_shape, site.node = 0, None, None, None
                 finally:
                     for remove in handles:
                         remove()
-                functional, order = _scan_graph(gm, module_sites, skipped)
-            else:
+                if gm is not None:
+                    functional, order = _scan_graph(gm, module_sites, skipped)
+            if gm is None:
                 handles = _record_module_calls(model, module_sites)
                 call_order: list[str] = []
                 for name, m in model.named_modules():
                     if name in module_sites:
                         handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: call_order.append(name)).remove)
+                recorder = _FunctionalLinearRecorder({id(p): n for n, p in model.named_parameters()})
                 try:
-                    model(*example)
+                    with recorder:
+                        model(*example)
                 finally:
                     for remove in handles:
                         remove()
                 for name in call_order:
                     order.setdefault(name, len(order))
+                called = {name for name, site in module_sites.items() if site.calls}
+                seen_functional = {w: None for w in recorder.weights if not _inside(w.rpartition(".")[0], called)}
     finally:
         model.train(was_training)
 
     sites = []
     for name, site in module_sites.items():
         if site.calls == 0:
-            skipped.append({"name": name, "reason": "not called by forward on the example input"})
+            if site.weight_name in seen_functional:
+                seen_functional.pop(site.weight_name)
+                reason = "its weight is used through F.linear, which forward hooks cannot capture (fx could not trace the model)"
+            else:
+                reason = "not called by forward on the example input"
+            skipped.append({"name": name, "reason": reason})
         else:
             sites.append(site)
+    for weight_name in seen_functional:
+        skipped.append({"name": weight_name, "reason": "F.linear on this parameter, seen in the forward pass; forward hooks "
+                        "cannot capture a functional linear (fx could not trace the model)"})
     sites.extend(functional)
     sites.sort(key=lambda s: order.get(s.name, len(order)))
     return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input)
+
+
+def _propagate_shapes(gm: fx.GraphModule, example: tuple) -> None:
+    """ShapeProp, minus the traceback it prints to stderr before re-raising a failing node's error
+    (the caller decides what the user sees). Anything else written to stderr is passed on."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        ShapeProp(gm).propagate(*example)  # on error the buffer, with its traceback, is dropped
+    if buffer.getvalue():
+        sys.stderr.write(buffer.getvalue())
+
+
+class _FunctionalLinearRecorder(TorchFunctionMode):
+    """Qualified names of the parameters used as the weight of an F.linear call (hooks path)."""
+
+    def __init__(self, param_names: dict[int, str]):
+        super().__init__()
+        self.param_names = param_names
+        self.weights: dict[str, None] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FUNCTIONAL_LINEARS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.param_names.get(id(weight))
+            if name is not None:
+                self.weights.setdefault(name, None)
+        return func(*args, **kwargs)
 
 
 def _scan_graph(gm: fx.GraphModule, module_sites: dict[str, LinearSite], skipped: list) -> tuple[list[LinearSite], dict[str, int]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,10 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
 
 def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            # torch warns on stderr about a raw pickle's protocol before refusing it: the error is the one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
             raise UserError(
@@ -240,7 +244,7 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
                 "code, so it was not loaded. Pass --trust-pickle only if you trust its source, or save a state dict"
             ) from exc
         raise UserError(f"{path}: cannot unpickle ({_short(exc)})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError) as exc:
+    except Exception as exc:  # a damaged file fails anywhere in the unpickler: KeyError, IndexError, struct.error...
         raise UserError(f"{path}: not a readable torch file (truncated or damaged: {_short(exc)})") from exc
 
 

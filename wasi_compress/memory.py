@@ -75,6 +75,8 @@ def measure_saved_activations(
     model.train()
     example = example if isinstance(example, tuple) else (example,)
     grads_before = {id(p): p.grad for p in model.parameters()}
+    for p in model.parameters():  # backward accumulates into an existing .grad in place: set it aside
+        p.grad = None
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
             out = model(*example)
