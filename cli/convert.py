@@ -1,0 +1,116 @@
+"""`wasi-compress convert MODEL --budget 50MB -o OUT`: the most faithful low-rank model that fits the budget.
+Thin: options -> wasi_compress.convert.ConvertConfig -> convert() -> summary tables."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from wasi_compress.cli._common import (
+    console_for, device_option, load_from_options, model_options, progress_bar, wraps_user_errors,
+)
+from wasi_compress.units import format_bytes
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(int(n))
+
+
+def _change(new, old) -> str:
+    return f"{(new - old) / old * 100:+.1f}%" if new is not None and old else ""
+
+
+def render(doc: dict, console) -> None:
+    table = Table(title=f"{doc['model']}: rank per linear layer ({doc['allocator']} allocator, {doc['objective']} objective)",
+                  title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("rank", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("rel. error", justify="right")
+    for layer in doc["layers"]:
+        table.add_row(layer["name"], "dense" if layer["rank"] is None else str(layer["rank"]),
+                      format_bytes(layer["bytes"]), f"{layer['error']:.4f}")
+    console.print(table)
+
+    summary = Table(title=f"budget {format_bytes(doc['budget_bytes'])} ({doc['budget_bytes']:,} bytes, {doc['dtype']})",
+                    title_justify="left")
+    summary.add_column("")
+    summary.add_column("original", justify="right")
+    summary.add_column("converted", justify="right")
+    summary.add_column("change", justify="right")
+    summary.add_row("parameter bytes", format_bytes(doc["original_bytes"]), format_bytes(doc["total_bytes"]),
+                    _change(doc["total_bytes"], doc["original_bytes"]))
+    summary.add_row("parameters", _count(doc["params"]["original"]), _count(doc["params"]["converted"]),
+                    _change(doc["params"]["converted"], doc["params"]["original"]))
+    summary.add_row("FLOPs (fvcore, 1 MAC = 1)", _count(doc["flops"]["original"]), _count(doc["flops"]["converted"]),
+                    _change(doc["flops"]["converted"], doc["flops"]["original"]))
+    if doc.get("accuracy"):
+        acc = doc["accuracy"]
+        summary.add_row(f"top-1 on {acc['dataset']}", f"{acc['original']:.2%}", f"{acc['converted']:.2%}",
+                        f"{(acc['converted'] - acc['original']) * 100:+.2f} pt")
+    console.print(summary)
+    dense = sum(layer["rank"] is None for layer in doc["layers"])
+    console.print(f"{len(doc['layers']) - dense} layers factored, {dense} kept dense; total relative error "
+                  f"{doc['total_error']:.4f}; grid {doc['resolution_bytes']} B, worst-case slack {doc['max_slack_bytes']} B",
+                  highlight=False)
+    if doc.get("file_bytes") is not None:
+        console.print(f"checkpoint file: {doc['file_bytes']:,} bytes ({doc['file_bytes'] / doc['budget_bytes']:.2%} of the budget)",
+                      highlight=False)
+    if doc.get("onnx"):
+        console.print(f"ONNX: {doc['onnx']['path']}, max abs difference from torch {doc['onnx']['max_abs_diff']:.3g}",
+                      highlight=False)
+    for item in doc.get("skipped", []):
+        console.print(f"[yellow]skipped[/] {item['name']}: {item['reason']}", highlight=False)
+    for note in doc.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@click.command("convert")
+@model_options
+@click.option("--budget", required=True, help="Bytes of all parameters of the converted model in --dtype: 50MB, 12MiB, 1000000.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The converted model (.safetensors).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Stored dtype; the budget counts bytes in it.")
+@click.option("--allocator", type=click.Choice(["dp", "greedy"]), default="dp", show_default=True,
+              help="dp: exact knapsack on a byte grid; greedy: error drop per byte.")
+@click.option("--objective", type=click.Choice(["weight", "data"]), default="weight", show_default=True,
+              help="weight: relative weight error (no data); data: relative output error on --calib images (whitened).")
+@click.option("--calib", default=None, help="Calibration images for --objective data: mnist, digits, a folder, or random.")
+@click.option("--calib-batches", type=int, default=8, show_default=True, help="Calibration batches of 32 images.")
+@click.option("--rank-multiple", type=int, default=1, show_default=True, help="Round ranks up to a multiple of this.")
+@click.option("--rank-grid", type=int, default=32, show_default=True,
+              help="Evenly spaced candidate ranks per layer, from 1 to its break-even rank.")
+@click.option("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99", show_default=True,
+              help="Explained-variance thresholds whose ranks are candidates (besides a grid up to break-even).")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Also export ONNX here, checked against torch.")
+@click.option("--json", "json_path", default=None, help="Write the convert/1 JSON document here ('-' for stdout).")
+@click.option("--eval", "eval_data", default=None, help="Top-1 accuracy before and after on this set's test split: mnist, digits or a folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample and example input.")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
+@device_option
+@wraps_user_errors
+def command(model, arch, weights, trust_pickle, num_classes, img_size, budget, output, dtype, allocator, objective,
+            calib, calib_batches, rank_multiple, rank_grid, thresholds, onnx_path, json_path, eval_data, seed,
+            report_dir, device):
+    """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
+    from wasi_compress.convert import ConvertConfig, convert, source_from_options
+
+    console = console_for(json_path)
+    config = ConvertConfig(budget=budget, dtype=dtype, allocator=allocator, objective=objective, calib=calib,
+                           calib_batches=calib_batches, rank_multiple=rank_multiple, rank_grid=rank_grid,
+                           thresholds=thresholds, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
+                           json=json_path, report=report_dir, device=device)
+    loaded = load_from_options(model, arch, weights, trust_pickle, num_classes, img_size)
+    source = None if loaded.metadata else source_from_options(model, arch, num_classes, img_size)
+    # progress on stderr: stdout only ever carries results (and stays empty on an error)
+    with progress_bar(Console(stderr=True), "converting") as on_progress:
+        result = convert(loaded, config, on_progress=on_progress, source=source)
+    render(result.report, console)
+    for path in result.files:
+        console.print(f"wrote {path}", highlight=False)
