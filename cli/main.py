@@ -34,7 +34,7 @@ def main() -> None:
 def _register() -> None:
     import importlib
 
-    for name in ("analyze", "convert", "finetune", "check"):
+    for name in ("analyze", "convert", "finetune", "check", "report"):
         try:
             module = importlib.import_module(f"wasi_compress.cli.{name}")
         except ModuleNotFoundError as exc:

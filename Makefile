@@ -1,0 +1,38 @@
+# Two commands on a fresh machine with nothing but Python:
+#   make demo   set up .venv, then run the main job on the embedded default model (outputs under out/)
+#   make test   set up .venv, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+WASI   := $(VENV)/bin/wasi-compress
+STAMP  := $(VENV)/.installed
+MODEL  ?= builtin:mnist-vit
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+# torch first and pinned: letting pip choose a torch for torchvision/timm would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[data,test]'
+	touch $(STAMP)
+
+# The main job on the embedded default: analyze it; convert it to half its bytes with the data objective
+# and evaluate it; export ONNX checked against torch; then one HTML report of it all.
+demo: $(STAMP)
+	mkdir -p out
+	$(WASI) analyze $(MODEL) --json out/analyze.json
+	$(WASI) convert $(MODEL) --budget $$($(PY) -c "import json; print(json.load(open('out/analyze.json'))['totals']['weight_bytes'] // 2)") \
+		--objective data --calib mnist --eval mnist \
+		-o out/mnist-vit-half.safetensors --onnx out/mnist-vit-half.onnx --json out/convert.json
+	$(WASI) report out/analyze.json out/convert.json -o out
+	@echo "report: $(CURDIR)/out/report.html"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache .hypothesis
