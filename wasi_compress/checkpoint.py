@@ -36,7 +36,7 @@ from wasi_compress import _compat  # noqa: F401  (before timm)
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
 from wasi_compress.modules.subspace import SubspaceLinear
-from wasi_compress.passes.capture import LinearSite, register_linear_type
+from wasi_compress.passes.capture import LinearSite
 
 FORMAT = "wasi-compress/checkpoint/1"
 METADATA_KEY = "wasi_compress"
@@ -44,10 +44,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _RESERVED = ("format", "toolkit_version", "source", "structure", "dtype", "aliases", "explicit_attention")
 _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out_features")
 _MODULE_KINDS = {"subspace": SubspaceLinear}
-
-# A converted model is itself a model to analyze or convert again: its factored layers are linear sites
-# (fx leaves), with L as the weight-like tensor.
-register_linear_type(SubspaceLinear, "L")
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
 _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size")

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wasi_compress.passes.capture import register_linear_type
+
 from wasi_compress.spectrum import errors_for_ranks, rank_for_threshold, singular_values
 
 __all__ = [
@@ -166,3 +168,9 @@ def _whitened_weight(weight: Tensor, whitening: Whitening) -> Tensor:
         raise ValueError(f"weight {tuple(weight.shape)} does not match whitening of {whitening.in_features} inputs")
     factor = whitening.cholesky()
     return weight.detach().to(device=factor.device, dtype=torch.float64) @ factor
+
+
+# A converted model is itself a model to analyze or convert again: its factored layers are linear sites
+# (fx leaves), with L as the weight-like tensor. Registered next to the layer, as timm keeps its
+# fx-traceability declarations.
+register_linear_type(SubspaceLinear, "L")
