@@ -26,6 +26,8 @@ __all__ = [
     "asi_linear",
     "compressed_bytes",
     "compressed_matmul",
+    "grad_core",
+    "grad_core_cost",
     "mode_gram",
     "mode_product",
     "reconstruct",
@@ -81,13 +83,29 @@ def weight_grad_from_compressed(core: Tensor, factors: Sequence[Tensor], grad_ou
     dY (..., O) has the leading shape of X~. Its leading modes are projected onto U_1, U_2, ... first
     (B N O -> K1 N O -> K1 K2 O), then the core absorbs them (-> K3 O), and U_d expands last
     (-> O I): about 2 O (B N K1 + N K1 K2 + K1 K2 K3 + K3 I) FLOPs for 3 modes instead of 2 B N O I."""
+    return grad_core(core, factors, grad_out).t() @ factors[-1].t()
+
+
+def grad_core(core: Tensor, factors: Sequence[Tensor], grad_out: Tensor) -> Tensor:
+    """T of shape (K_d, O) with dY^T X~ = T^T U_d^T: the weight gradient before its last factor expands
+    it. Products of the gradient with small matrices then need no dense (O, I) tensor:
+    A^T (dY^T X~) = (A^T T^T) U_d^T and (dY^T X~) B = T^T (U_d^T B)."""
     projected = grad_out
     for mode in range(core.dim() - 1):
         projected = mode_product(projected, factors[mode], mode)
     out_features = grad_out.shape[-1]
     last_rank = core.shape[-1]
-    core_by_grad = core.reshape(-1, last_rank).t() @ projected.reshape(-1, out_features)  # (K_d, O)
-    return core_by_grad.t() @ factors[-1].t()
+    return core.reshape(-1, last_rank).t() @ projected.reshape(-1, out_features)  # (K_d, O)
+
+
+def grad_core_cost(core: Tensor, factors: Sequence[Tensor], out_features: int) -> int:
+    """Multiply-adds of `grad_core` for an output gradient of `out_features` columns."""
+    sizes, ranks = [f.shape[0] for f in factors], list(core.shape)
+    cost, shape = 0, list(sizes[:-1])
+    for mode in range(core.dim() - 1):
+        cost += math.prod(shape) * out_features * ranks[mode]
+        shape[mode] = ranks[mode]
+    return cost + math.prod(ranks) * out_features
 
 
 def compressed_bytes(core: Tensor, factors: Sequence[Tensor]) -> int:

@@ -12,6 +12,8 @@ with the compressed backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from wasi_compress.modules.asi import (
     TuckerCompressor,
     asi_linear,
     compressed_matmul,
+    grad_core,
+    grad_core_cost,
     reduced_qr,
     weight_grad_from_compressed,
 )
@@ -157,12 +161,24 @@ class WASILinear(nn.Module):
             L' = orth(P)
             R' = a (L'^T L) R - lr (dY L')^T X~          (k, in)"""
         lr, shrink = self.lr, 1.0 - self.lr * self.weight_decay
-        grad_rows = grad_out.reshape(-1, self.out_features)
-        q = (shrink * R - lr * _grad_times_input(saved_input, grad_out_L)).t()
-        input_q = _input_times(saved_input, q).reshape(-1, self.rank)
-        p = shrink * (L @ (R @ q)) - lr * (grad_rows.t() @ input_q)
-        new_L = reduced_qr(p)[0]
-        new_R = shrink * ((new_L.t() @ L) @ R) - lr * _grad_times_input(saved_input, grad_out @ new_L)
+        if _use_grad_core(saved_input, self.out_features, self.rank, products=2):
+            # G~ = T^T U_d^T (asi.grad_core): every product of G~ with a k-wide matrix costs O(K_d (O + I) k),
+            # so the two products of dY with k-wide matrices below (dY^T (X~ Q) and dY L') are not needed.
+            core, *factors = saved_input
+            t, last = grad_core(core, factors, grad_out), factors[-1]  # (K_d, O), (I, K_d)
+            q = (shrink * R - lr * ((L.t() @ t.t()) @ last.t())).t()
+            p = shrink * (L @ (R @ q)) - lr * (t.t() @ (last.t() @ q))
+            new_L = reduced_qr(p)[0]
+            new_R = shrink * ((new_L.t() @ L) @ R) - lr * ((new_L.t() @ t.t()) @ last.t())
+        else:
+            if grad_out_L is None:
+                grad_out_L = grad_out @ L
+            grad_rows = grad_out.reshape(-1, self.out_features)
+            q = (shrink * R - lr * _grad_times_input(saved_input, grad_out_L)).t()
+            input_q = _input_times(saved_input, q).reshape(-1, self.rank)
+            p = shrink * (L @ (R @ q)) - lr * (grad_rows.t() @ input_q)
+            new_L = reduced_qr(p)[0]
+            new_R = shrink * ((new_L.t() @ L) @ R) - lr * _grad_times_input(saved_input, grad_out @ new_L)
         self.L.copy_(new_L)
         self.R.copy_(new_R)
 
@@ -196,15 +212,27 @@ class _CompressedFactoredFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         L, R, *saved_input = ctx.saved_tensors
-        grad_out_L = grad_out @ L
         grad_x = grad_L = grad_R = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out_L @ R
-        if ctx.needs_input_grad[1]:
-            input_R = _input_times(saved_input, R.t())  # X~ R^T without rebuilding X~
-            grad_L = grad_out.reshape(-1, L.shape[0]).t() @ input_R.reshape(-1, L.shape[1])
-        if ctx.needs_input_grad[2]:
-            grad_R = _grad_times_input(saved_input, grad_out_L)
+        if _use_grad_core(saved_input, L.shape[0], L.shape[1], products=1):
+            # dL = G~ R^T = T^T (U_d^T R^T), dR = L^T G~ = (L^T T^T) U_d^T (asi.grad_core): no product of dY
+            # with a k-wide matrix beyond the dY L that dX needs
+            core, *factors = saved_input
+            t, last = grad_core(core, factors, grad_out), factors[-1]
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_out @ L) @ R
+            if ctx.needs_input_grad[1]:
+                grad_L = t.t() @ (last.t() @ R.t())
+            if ctx.needs_input_grad[2]:
+                grad_R = (L.t() @ t.t()) @ last.t()
+        else:
+            grad_out_L = grad_out @ L
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_out_L @ R
+            if ctx.needs_input_grad[1]:
+                input_R = _input_times(saved_input, R.t())  # X~ R^T without rebuilding X~
+                grad_L = grad_out.reshape(-1, L.shape[0]).t() @ input_R.reshape(-1, L.shape[1])
+            if ctx.needs_input_grad[2]:
+                grad_R = _grad_times_input(saved_input, grad_out_L)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_L, grad_R, grad_bias, None
@@ -223,7 +251,7 @@ class _SubspaceIterationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         L, R, *saved_input = ctx.saved_tensors
-        grad_out_L = grad_out @ L
+        grad_out_L = grad_out @ L if ctx.needs_input_grad[0] or len(saved_input) == 1 else None
         grad_x = grad_out_L @ R if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
         ctx.layer._subspace_iteration_step(L, R, grad_out, grad_out_L, tuple(saved_input))
@@ -233,6 +261,16 @@ class _SubspaceIterationFunction(torch.autograd.Function):
 def _custom_backward_path(module: nn.Module, x: Tensor) -> bool:
     """Whether a forward should take the custom-backward path (training, grad enabled, not fx-traced)."""
     return module.training and torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy)
+
+
+def _use_grad_core(saved_input, out_features: int, rank: int, *, products: int) -> bool:
+    """Whether contracting dY through the compressed input (asi.grad_core) is cheaper than the
+    `products` products of dY (rows x out) with a k-wide matrix that it replaces."""
+    if len(saved_input) == 1:
+        return False
+    core, *factors = saved_input
+    rows = math.prod(f.shape[0] for f in factors[:-1])
+    return grad_core_cost(core, factors, out_features) < products * rows * out_features * rank
 
 
 def _flatten_compressed(compressed: tuple[Tensor, list[Tensor]]) -> tuple[Tensor, ...]:

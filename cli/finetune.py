@@ -1,0 +1,143 @@
+"""`wasi-compress finetune MODEL --data mnist|digits|DIR`: fine-tune in the weight subspace with compressed
+activations, within an activation budget, and show the measured memory and time against ordinary
+fine-tuning. Thin: options -> wasi_compress.finetune.finetune -> progress, tables, JSON, report.
+
+Under torchrun the same command trains with DDP (factored rule; gloo on CPU)::
+
+    torchrun --nproc-per-node 2 .venv/bin/wasi-compress finetune builtin:mnist-vit --data digits \\
+        --method wasi --update factored -o out/ddp.safetensors
+"""
+
+from __future__ import annotations
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from wasi_compress.cli._common import check_device, console_for, device_option, model_options, wraps_user_errors
+from wasi_compress.units import format_bytes
+
+_MEMORY_ROWS = (
+    ("peak_bytes", "peak, whole step"),
+    ("saved_activation_bytes", "saved activations"),
+    ("linear_layers_bytes", "linear layers (weights+grads+state+inputs)"),
+    ("paper_scope_bytes", "paper scope (MLP weights + inputs)"),
+    ("params_bytes", "parameters"),
+    ("grads_bytes", "gradients"),
+    ("optimizer_bytes", "optimizer state"),
+)
+
+
+def render(doc: dict, console) -> None:
+    memory, vanilla = doc.get("memory"), doc.get("memory_vanilla")
+    if memory:
+        table = Table(title=f"one training step at batch {doc['batch_size']}: {doc['method']} beside vanilla (measured)",
+                      title_justify="left")
+        table.add_column("")
+        table.add_column(doc["method"], justify="right")
+        table.add_column("vanilla", justify="right")
+        table.add_column("ratio", justify="right")
+        for key, label in _MEMORY_ROWS:
+            ours, theirs = memory.get(key), (vanilla or {}).get(key)
+            ratio = f"{theirs / ours:.1f}x less" if ours and theirs and ours < theirs else (
+                f"{ours / theirs:.2f}x" if ours and theirs else "")
+            table.add_row(label, format_bytes(ours) if ours is not None else "n/a",
+                          format_bytes(theirs) if theirs is not None else "n/a", ratio)
+        console.print(table)
+    if doc.get("step_time_median_s") is not None:
+        console.print(f"median step time: {doc['step_time_median_s'] * 1000:.1f} ms")
+    console.print(f"final held-out accuracy: {doc['final']['accuracy']:.2%}")
+    if doc.get("activation_plan"):
+        planning = doc.get("activation_planning") or {}
+        console.print(f"activation plan: {format_bytes(planning.get('total_cost_bytes', 0))} of "
+                      f"{format_bytes(planning.get('budget_bytes', 0))} budget, total relative gradient error "
+                      f"{planning.get('total_error', 0):.3f}")
+    for note in doc.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@click.command("finetune")
+@model_options
+@click.option("--data", required=True, help="mnist, digits, or an image folder (one subfolder per class).")
+@click.option("--method", type=click.Choice(["wasi", "asi", "vanilla"]), default="wasi", show_default=True,
+              help="wasi: weight subspace + compressed activations; asi: compressed activations; vanilla: ordinary.")
+@click.option("--update", type=click.Choice(["subspace-iteration", "factored"]), default="subspace-iteration",
+              show_default=True, help="WASI training rule: the paper's subspace iteration, or L, R trained by the optimizer (DDP).")
+@click.option("--threshold", type=float, default=0.8, show_default=True, help="Explained variance of each weight's subspace.")
+@click.option("--activation-threshold", type=float, default=0.8, show_default=True,
+              help="Explained variance of each saved input's Tucker ranks (without --activation-budget).")
+@click.option("--activation-budget", default=None, help="Bytes for the saved inputs of the compressed layers (e.g. 2MB); "
+              "plans per-layer Tucker ranks on a calibration batch.")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across DDP processes).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.05 for sgd, 3e-4 for adamw]; "
+              "subspace-iteration layers use it for their in-backward SGD update.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+              help="Learning rate per step: cosine decay from --lr over the run, or constant.")
+@click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (the paper uses none).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--finetune-last", type=int, default=None, help="Train only the last N blocks (and what follows them).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt to the same result as an uninterrupted run.")
+@click.option("-o", "--output", default=None, help="Checkpoint (.safetensors) written after every epoch; loads as MODEL.")
+@click.option("--json", "json_path", default=None, help="Write the finetune/1 JSON document here ('-' for stdout).")
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and plots here.")
+@device_option
+@wraps_user_errors
+def command(model, arch, weights, trust_pickle, num_classes, img_size, data, method, update, threshold,
+            activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
+            finetune_last, seed, resume, output, json_path, report_dir, device):
+    """Fine-tune MODEL on --data in its weight subspace with compressed activations, and measure memory and
+    time against ordinary fine-tuning."""
+    from wasi_compress.finetune import FinetuneConfig, finetune
+
+    import os
+
+    console = console_for(json_path)
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
+    config = FinetuneConfig(
+        model=model, data=data, method=method, update=update, threshold=threshold,
+        activation_threshold=activation_threshold, activation_budget=activation_budget, epochs=epochs,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
+        finetune_last=finetune_last, seed=seed, resume=resume, output=output, json_path=json_path,
+        report_dir=report_dir, device=check_device(device), arch=arch, weights=weights, trust_pickle=trust_pickle,
+        num_classes=num_classes, img_size=img_size)
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"), TimeElapsedColumn(),
+                  console=console, transient=False, disable=quiet) as progress:
+        status = progress.add_task("preparing", total=None, loss="-", acc="-")
+        tasks: dict[int, int] = {}
+
+        def on_status(text: str) -> None:
+            progress.update(status, description=text)
+
+        def on_step(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
+            if status in progress.task_ids:
+                progress.remove_task(status)
+            if epoch not in tasks:
+                tasks[epoch] = progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss="-", acc="-")
+            progress.update(tasks[epoch], completed=step, loss=f"{loss:.4f}", acc=f"{acc:.2%}")
+
+        def on_epoch(epoch: int, record: dict) -> None:
+            if epoch in tasks:
+                progress.update(tasks[epoch], acc=f"{record['train_accuracy']:.2%} train, {record['accuracy']:.2%} held-out")
+
+        result = finetune(config, on_step=on_step, on_epoch=on_epoch, on_status=on_status)
+        if status in progress.task_ids:
+            progress.remove_task(status)
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if quiet:
+        return
+    render(result.doc, console)
+    if output:
+        console.print(f"wrote {output} (resume state: {output}.resume.pt)")
+    if json_path and json_path != "-":
+        console.print(f"wrote {json_path}")
+    if report_dir:
+        console.print(f"wrote {report_dir}/report.html")
