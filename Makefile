@@ -21,14 +21,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default: analyze it; convert it to half its bytes with the data objective
-# and evaluate it; export ONNX checked against torch; then one HTML report of it all.
+# and evaluate it; export ONNX checked against torch; fine-tune it on digits with WASI beside vanilla;
+# then one HTML report of it all.
 demo: $(STAMP)
 	mkdir -p out
 	$(WASI) analyze $(MODEL) --json out/analyze.json
 	$(WASI) convert $(MODEL) --budget $$($(PY) -c "import json; print(json.load(open('out/analyze.json'))['totals']['weight_bytes'] // 2)") \
 		--objective data --calib mnist --eval mnist \
 		-o out/mnist-vit-half.safetensors --onnx out/mnist-vit-half.onnx --json out/convert.json
-	$(WASI) report out/analyze.json out/convert.json -o out
+	$(WASI) finetune $(MODEL) --data digits --method vanilla --epochs 2 -o out/finetune-vanilla.safetensors --json out/finetune-vanilla.json
+	$(WASI) finetune $(MODEL) --data digits --method wasi --epochs 2 -o out/finetune-wasi.safetensors --json out/finetune-wasi.json
+	$(PY) examples/compare_finetune.py out/finetune-vanilla.json out/finetune-wasi.json
+	$(WASI) report out/analyze.json out/convert.json out/finetune-wasi.json -o out
 	@echo "report: $(CURDIR)/out/report.html"
 
 test: $(STAMP)
