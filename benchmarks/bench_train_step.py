@@ -5,8 +5,9 @@ For each configuration: median wall time of the timed steps (after warm-up), the
 peak of live tensor bytes (wasi_compress.peak_memory.LiveTensorBytes over forward, backward and the SGD
 step), the saved activations (saved_tensors_hooks, each storage once) and the paper's scope (weights and
 saved inputs of the MLP linears), each also as a ratio to vanilla. Memory is measured on one extra step
-after the timed ones, so the tracker's overhead never enters the timings. Vanilla runs again at the end: on a
-shared machine the difference between the two vanilla rows shows how much the load drifted.
+after the timed ones, so the tracker's overhead never enters the timings. The first configuration gets one extra
+warm-up step (the process's allocator and thread pool warm up on it), and vanilla runs again at the end:
+on a shared machine the difference between the two vanilla rows shows how much the load drifted.
 
 "eps = 0.8": weight rank explaining 80% of each weight's energy (a layer above break-even keeps its dense
 weight, as `wasi-compress finetune` does) and Tucker ranks explaining 80% of each saved input's energy
@@ -115,10 +116,11 @@ def run(args) -> list[str]:
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
         after = _after_step_fn(model)
         times = []
-        for i in range(args.warmup + args.steps):
+        warmup = args.warmup + (1 if not results else 0)  # the first configuration also warms the process up
+        for i in range(warmup + args.steps):
             start = time.perf_counter()
             train_step(model, opt, x, y, after)
-            if i >= args.warmup:
+            if i >= warmup:
                 times.append(time.perf_counter() - start)
         mem = measure_step(model, opt, x, y, linears=linears, warmup=False)
         step = statistics.median(times)

@@ -64,7 +64,7 @@ def render(doc: dict, console) -> None:
 @click.option("--update", type=click.Choice(["subspace-iteration", "factored"]), default="subspace-iteration",
               show_default=True, help="WASI training rule: the paper's subspace iteration, or L, R trained by the optimizer (DDP).")
 @click.option("--threshold", type=float, default=0.8, show_default=True, help="Explained variance of each weight's subspace.")
-@click.option("--activation-threshold", type=float, default=0.8, show_default=True,
+@click.option("--activation-threshold", type=float, default=0.95, show_default=True,
               help="Explained variance of each saved input's Tucker ranks (without --activation-budget).")
 @click.option("--activation-budget", default=None, help="Bytes for the saved inputs of the compressed layers (e.g. 2MB); "
               "plans per-layer Tucker ranks on a calibration batch.")

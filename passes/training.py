@@ -40,7 +40,7 @@ from wasi_compress.modules.asi import TuckerCompressor, compressed_bytes, mode_g
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.modules.training import ASILinear, WASILinear
 from wasi_compress.passes.base import PassResult, WasiPass
-from wasi_compress.passes.capture import Capture, LinearSite, register_linear_type
+from wasi_compress.passes.capture import Capture, LinearSite
 from wasi_compress.passes.replace import ReplaceLinearsPass
 from wasi_compress.planner import Candidate, LayerCandidates, Plan, plan
 from wasi_compress.spectrum import break_even_rank, rank_for_threshold
@@ -62,9 +62,6 @@ __all__ = [
 METHODS = ("wasi", "asi", "vanilla")
 BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 CALIBRATION_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-# Already-factored inference layers (from `convert` or an earlier fine-tune) are linear sites too.
-register_linear_type(SubspaceLinear, "L")
 
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)(?=\.|$)")
 
@@ -127,7 +124,7 @@ class TrainingPass(WasiPass):
     reversible = False
 
     def __init__(self, capture: Capture, *, method: str, update: str = "subspace-iteration", threshold: float = 0.8,
-                 activation_threshold: float | None = 0.8, weight_ranks: dict[str, int | None] | None = None,
+                 activation_threshold: float | None = 0.95, weight_ranks: dict[str, int | None] | None = None,
                  activation_ranks: dict[str, list[int] | None] | None = None, lr: float | None = None,
                  weight_decay: float = 0.0, finetune_last: int | None = None):
         if method not in METHODS:
