@@ -5,9 +5,9 @@ For each configuration: median wall time of the timed steps (after warm-up), the
 peak of live tensor bytes (wasi_compress.peak_memory.LiveTensorBytes over forward, backward and the SGD
 step), the saved activations (saved_tensors_hooks, each storage once) and the paper's scope (weights and
 saved inputs of the MLP linears), each also as a ratio to vanilla. Memory is measured on one extra step
-after the timed ones, so the tracker's overhead never enters the timings. The first configuration gets one extra
-warm-up step (the process's allocator and thread pool warm up on it), and vanilla runs again at the end:
-on a shared machine the difference between the two vanilla rows shows how much the load drifted.
+after the timed ones, so the tracker's overhead never enters the timings. All models are built first and the
+steps run round robin (step 1 of every configuration, then step 2, ...), so that load from other processes
+on a shared machine falls on all configurations alike.
 
 "eps = 0.8": weight rank explaining 80% of each weight's energy (a layer above break-even keeps its dense
 weight, as `wasi-compress finetune` does) and Tucker ranks explaining 80% of each saved input's energy
@@ -49,7 +49,6 @@ CONFIGS = (
     ("WASI subspace-iteration, 25% ranks", dict(method="wasi", update="subspace-iteration", ranks="25%")),
     ("WASI factored, eps 0.8", dict(method="wasi", update="factored", ranks="eps")),
     ("WASI factored, 25% ranks", dict(method="wasi", update="factored", ranks="25%")),
-    ("vanilla (repeat: drift check)", dict(method="vanilla")),
 )
 LR = 0.05
 
@@ -106,38 +105,43 @@ def run(args) -> list[str]:
     header = f"{'configuration':<36} {'step s':>8} {'x vanilla':>9} {'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6} {'paper MB':>9} {'x':>6}"
     emit(header)
     emit("-" * len(header))
-    results = {}
-    infos = []
     selected = [c for c in CONFIGS if not args.only or any(o.lower() in c[0].lower() for o in args.only)]
-    for name, cfg in selected:
+    runs = []
+    for name, cfg in selected:  # every model is built first, so the timed steps can interleave
         model, cap, info = build(args.model, x, cfg)
-        linears = {s.name: s.role for s in cap.sites if s.kind == "module"}
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-        after = _after_step_fn(model)
-        times = []
-        warmup = args.warmup + (1 if not results else 0)  # the first configuration also warms the process up
-        for i in range(warmup + args.steps):
+        runs.append({"name": name, "model": model, "opt": opt, "after": _after_step_fn(model), "info": info,
+                     "linears": {s.name: s.role for s in cap.sites if s.kind == "module"}, "times": []})
+    # Round robin: step 1 of every configuration, then step 2 of every configuration, ... so that a burst
+    # of load on the shared machine hits all configurations alike instead of whichever runs at that moment.
+    for i in range(args.warmup + args.steps):
+        for run in runs:
             start = time.perf_counter()
-            train_step(model, opt, x, y, after)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        mem = measure_step(model, opt, x, y, linears=linears, warmup=False)
-        step = statistics.median(times)
+            train_step(run["model"], run["opt"], x, y, run["after"])
+            if i >= args.warmup:
+                run["times"].append(time.perf_counter() - start)
+            run["opt"].zero_grad(set_to_none=True)  # only one configuration's gradients alive at a time
+    results = {}
+    infos = []
+    for run in runs:
+        name = run["name"]
+        mem = measure_step(run["model"], run["opt"], x, y, linears=run["linears"], warmup=False)
+        step = statistics.median(run["times"])
         results[name] = (step, mem)
-        base_step, base = results.get("vanilla", (step, mem))
+        base_step, base = results[runs[0]["name"]]
         mb = 1e6
         emit(f"{name:<36} {step:>8.2f} {step / base_step:>9.2f} {mem['peak_bytes'] / mb:>9.1f} "
              f"{mem['peak_bytes'] / base['peak_bytes']:>6.2f} {mem['saved_activation_bytes'] / mb:>9.1f} "
              f"{mem['saved_activation_bytes'] / base['saved_activation_bytes']:>6.2f} {mem['paper_scope_bytes'] / mb:>9.1f} "
-             f"{mem['paper_scope_bytes'] / base['paper_scope_bytes']:>6.3f}")
-        if info:
-            infos.append(f"{name}: {info}")
-        del model, opt, mem
+             f"{mem['paper_scope_bytes'] / base['paper_scope_bytes']:>6.3f}   [{' '.join(f'{t:.2f}' for t in run['times'])}]")
+        if run["info"]:
+            infos.append(f"{name}: {run['info']}")
+        run["model"] = run["opt"] = None
         gc.collect()
     emit()
-    emit("ratios (x) are to the first vanilla row; step times are medians of the timed steps. The machine is shared:")
-    emit("the repeated vanilla row at the end shows how much its load drifted while the benchmark ran.")
+    emit("ratios (x) are to vanilla; step s = median of the timed steps (each listed in brackets), which ran round")
+    emit("robin across the configurations, so changes in the shared machine's load hit all of them alike")
     for info in infos:
         emit(info)
     return lines
