@@ -13,6 +13,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from wasi_compress.errors import UserError
 
 
+def format_count(n: float | None) -> str:
+    """A count as people read it: 88.22M, 4.41G."""
+    if n is None:
+        return "n/a"
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(int(n))
+
+
 def model_options(f: Callable) -> Callable:
     """MODEL plus the options that say how to load it (see wasi_compress.loading)."""
     decorators = [

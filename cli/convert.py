@@ -8,18 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from wasi_compress.cli._common import (
+    format_count as _count,
     console_for, device_option, load_from_options, model_options, progress_bar, wraps_user_errors,
 )
 from wasi_compress.units import format_bytes
-
-
-def _count(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return str(int(n))
 
 
 def _change(new, old) -> str:

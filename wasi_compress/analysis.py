@@ -53,7 +53,7 @@ def site_singular_values(model: nn.Module, site) -> torch.Tensor:
     return singular_values(model.get_parameter(site.weight_name))
 
 
-def _site_params(model: nn.Module, site) -> list[nn.Parameter]:
+def site_parameters(model: nn.Module, site) -> list[nn.Parameter]:
     if site.kind == "module":
         return list(model.get_submodule(site.name).parameters())
     params = [model.get_parameter(site.weight_name)]
@@ -99,7 +99,7 @@ def analyze(
         report(i, total_steps, f"singular values of {site.name}")
         s = site_singular_values(model, site)
         ranks = ranks_for_thresholds(s, thresholds)
-        params = _site_params(model, site)
+        params = site_parameters(model, site)
         n_params = sum(p.numel() for p in params)
         dense = site.in_features * site.out_features
         act_shape = list(site.input_shape) if site.input_shape else None
@@ -131,7 +131,7 @@ def analyze(
     weights_of = {site.name: site_modules(model, site) for site in cap.sites}
     saved = measure_saved_activations(model, x, linear_weights=weights_of)
     all_params = list(model.parameters())
-    linear_params = [p for site in cap.sites for p in _site_params(model, site)]
+    linear_params = [p for site in cap.sites for p in site_parameters(model, site)]
     report(total_steps, total_steps, "done")
 
     doc = {

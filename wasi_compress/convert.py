@@ -46,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from wasi_compress import _compat  # noqa: F401  (before timm)
+from wasi_compress.analysis import site_parameters
 from wasi_compress.checkpoint import (
     DTYPES, copy_model_attributes, module_location, save_checkpoint, stored_bytes, structure_entry,
 )
@@ -311,7 +312,7 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
     if not layers_info:
         raise UserError(f"{loaded.spec}: no linear layer to convert" + (f" ({skipped[0]['reason']})" if skipped else ""))
 
-    site_params = {id(p) for layer in layers_info for p in _site_params(work, layer.site)}
+    site_params = {id(p) for layer in layers_info for p in site_parameters(work, layer.site)}
     fixed_param_bytes = sum(p.numel() * _elem(p, dtype) for p in _unique_params(work) if id(p) not in site_params)
     buffer_bytes = stored_bytes(work, dtype) - sum(p.numel() * _elem(p, dtype) for p in _unique_params(work))
     fixed_bytes = fixed_param_bytes + buffer_bytes
@@ -534,15 +535,6 @@ def _layer_of(model: nn.Module, site, elem: int) -> _Layer:
             return _Layer(site, weight, bias_bytes, int(m.rank))
         return _Layer(site, m.weight.detach(), bias_bytes, None)
     return _Layer(site, model.get_parameter(site.weight_name).detach(), bias_bytes, None)
-
-
-def _site_params(model: nn.Module, site) -> list[torch.Tensor]:
-    if site.kind == "module":
-        return list(model.get_submodule(site.name).parameters())
-    params = [model.get_parameter(site.weight_name)]
-    if site.bias_name:
-        params.append(model.get_parameter(site.bias_name))
-    return params
 
 
 def _candidates(layer: _Layer, spectrum: torch.Tensor, config: ConvertConfig, elem: int) -> list[Candidate]:

@@ -97,6 +97,11 @@ def _build_architecture(spec: str, *, num_classes: int | None, img_size: int | N
     return _factory_model(spec, num_classes=num_classes, img_size=img_size)
 
 
+def _size_kwargs(num_classes: int | None, img_size: int | None) -> dict[str, Any]:
+    """The --num-classes / --img-size options given, as constructor keyword arguments."""
+    return {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+
+
 def _timm_model(name: str, *, num_classes: int | None, img_size: int | None) -> nn.Module:
     import timm
 
@@ -107,11 +112,7 @@ def _timm_model(name: str, *, num_classes: int | None, img_size: int | None) -> 
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `python -c 'import timm; print(timm.list_models(\"vit*\"))'` lists names"
         raise UserError(f"unknown timm model {name!r}{hint}")
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if img_size is not None:
-        kwargs["img_size"] = img_size
+    kwargs = _size_kwargs(num_classes, img_size)
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
@@ -150,11 +151,7 @@ def _factory_model(spec: str, *, num_classes: int | None, img_size: int | None) 
         factory = getattr(factory, part)
     if not callable(factory):
         raise UserError(f"{spec} is not callable; MODEL must name a function or class returning an nn.Module")
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if img_size is not None:
-        kwargs["img_size"] = img_size
+    kwargs = _size_kwargs(num_classes, img_size)
     try:
         model = factory(**kwargs)
     except TypeError as exc:
