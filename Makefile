@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 WASI   := $(VENV)/bin/wasi-compress
 STAMP  := $(VENV)/.installed
 MODEL  ?= builtin:mnist-vit
+# the fine-tuning recipe of the README's transfer figures: the same optimizer for both methods
+FT_OPT  := --momentum 0.9 --lr 0.01
+FT_WASI := --update factored --threshold 0.7
 
 .PHONY: demo test setup clean
 
@@ -29,8 +32,8 @@ demo: $(STAMP)
 	$(WASI) convert $(MODEL) --budget $$($(PY) -c "import json; print(json.load(open('out/analyze.json'))['totals']['weight_bytes'] // 2)") \
 		--objective data --calib mnist --eval mnist \
 		-o out/mnist-vit-half.safetensors --onnx out/mnist-vit-half.onnx --json out/convert.json
-	$(WASI) finetune $(MODEL) --data digits --method vanilla --epochs 2 -o out/finetune-vanilla.safetensors --json out/finetune-vanilla.json
-	$(WASI) finetune $(MODEL) --data digits --method wasi --epochs 2 -o out/finetune-wasi.safetensors --json out/finetune-wasi.json
+	$(WASI) finetune $(MODEL) --data digits --method vanilla $(FT_OPT) --epochs 2 -o out/finetune-vanilla.safetensors --json out/finetune-vanilla.json
+	$(WASI) finetune $(MODEL) --data digits --method wasi $(FT_WASI) $(FT_OPT) --step-in-backward --epochs 2 -o out/finetune-wasi.safetensors --json out/finetune-wasi.json
 	$(PY) examples/compare_finetune.py out/finetune-vanilla.json out/finetune-wasi.json
 	$(WASI) report out/analyze.json out/convert.json out/finetune-wasi.json -o out
 	@echo "report: $(CURDIR)/out/report.html"

@@ -75,8 +75,10 @@ def render(doc: dict, console) -> None:
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning rate per step: cosine decay from --lr over the run, or constant.")
-@click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (the paper uses none).")
+@click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (the paper uses none; the README's transfer recipe uses 0.9 with --lr 0.01).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--step-in-backward", is_flag=True, help="Run each parameter's optimizer step inside backward as soon as its "
+              "gradient is ready, and drop the gradient: gradients never all exist at once (not under DDP).")
 @click.option("--finetune-last", type=int, default=None, help="Train only the last N blocks (and what follows them).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt to the same result as an uninterrupted run.")
@@ -87,7 +89,7 @@ def render(doc: dict, console) -> None:
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, num_classes, img_size, data, method, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
-            finetune_last, seed, resume, output, json_path, report_dir, device):
+            step_in_backward, finetune_last, seed, resume, output, json_path, report_dir, device):
     """Fine-tune MODEL on --data in its weight subspace with compressed activations, and measure memory and
     time against ordinary fine-tuning."""
     from wasi_compress.finetune import FinetuneConfig, finetune
@@ -100,7 +102,7 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, data, met
         model=model, data=data, method=method, update=update, threshold=threshold,
         activation_threshold=activation_threshold, activation_budget=activation_budget, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
-        finetune_last=finetune_last, seed=seed, resume=resume, output=output, json_path=json_path,
+        step_in_backward=step_in_backward, finetune_last=finetune_last, seed=seed, resume=resume, output=output, json_path=json_path,
         report_dir=report_dir, device=check_device(device), arch=arch, weights=weights, trust_pickle=trust_pickle,
         num_classes=num_classes, img_size=img_size)
 

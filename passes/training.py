@@ -11,9 +11,12 @@ through ``ReplaceLinearsPass``:
 - ``method="vanilla"``: nothing is replaced.
 
 Layers outside the blocks (the classifier head, patch embedding, any ``other`` linear) stay dense and
-trainable. With ``finetune_last=N`` only the last N blocks are replaced and trained; everything that runs
-before the first of them is frozen (``requires_grad=False``), so autograd records nothing there and no
-activation of the frozen part is saved (checked in tests with ``measure_saved_activations``).
+trainable; for wasi and asi a trained dense linear outside the blocks becomes ``CompactInputLinear``, which
+saves a compact copy of an input that is a view (a head reading the class token would otherwise keep the
+whole final-norm output alive for backward). With ``finetune_last=N`` only the last N blocks are replaced
+and trained; everything that runs before the first of them is frozen (``requires_grad=False``), so
+autograd records nothing there and no activation of the frozen part is saved (checked in tests with
+``measure_saved_activations``).
 
 The activation compressor of each layer is either a threshold (``activation_threshold``: ranks chosen at
 the first training step) or fixed Tucker ranks per layer (``activation_ranks``), e.g. planned under a
@@ -38,7 +41,7 @@ from torch import Tensor, fx, nn
 from wasi_compress.errors import UserError
 from wasi_compress.modules.asi import TuckerCompressor, compressed_bytes, mode_gram, mode_product, weight_grad_from_compressed
 from wasi_compress.modules.subspace import SubspaceLinear
-from wasi_compress.modules.training import ASILinear, WASILinear
+from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear
 from wasi_compress.passes.base import PassResult, WasiPass
 from wasi_compress.passes.capture import Capture, LinearSite
 from wasi_compress.passes.replace import ReplaceLinearsPass
@@ -165,7 +168,19 @@ class TrainingPass(WasiPass):
         by_name = {layer.name: layer for layer in self.layers}
         inner = ReplaceLinearsPass(sites, lambda site, dense: self._build(site, dense, module, by_name[site.name]))
         result = inner(module)
+        self._compact_inputs(result.graph_module, selected)
         return PassResult(result.graph_module, True)
+
+    def _compact_inputs(self, module: nn.Module, selected: set[str]) -> None:
+        """Trained dense linears outside the blocks (the head) become CompactInputLinear: a head reading
+        one token would otherwise keep the final norm's whole (B, N, C) output alive for backward."""
+        for site, layer in zip(self.capture.sites, self.layers):
+            if site.name in selected or not layer.trained or site.kind != "module":
+                continue
+            current = module.get_submodule(site.name)
+            if type(current) is nn.Linear:
+                module.set_submodule(site.name, CompactInputLinear.from_linear(current))
+                layer.note += "; saves a compact copy of its input when that is a view of a larger tensor"
 
     # ---------------------------------------------------------------------------------------------
     def _compressor(self, site: LinearSite, layer: TrainingLayer) -> TuckerCompressor | None:
@@ -379,12 +394,12 @@ def plan_activation_ranks(layers: Sequence[LayerCandidates], budget_bytes: int, 
 
 
 def to_inference(model: nn.Module) -> nn.Module:
-    """Replace, in place, every WASILinear by its SubspaceLinear and every ASILinear by an nn.Linear
-    holding the same tensors. Returns the model."""
+    """Replace, in place, every WASILinear by its SubspaceLinear and every ASILinear and
+    CompactInputLinear by an nn.Linear holding the same tensors. Returns the model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, WASILinear):
             model.set_submodule(name, m.to_subspace())
-        elif isinstance(m, ASILinear):
+        elif isinstance(m, (ASILinear, CompactInputLinear)):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             lin.weight = m.weight
             lin.bias = m.bias

@@ -13,7 +13,7 @@ import wasi_compress  # noqa: F401  (before timm)
 from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.finetune import FinetuneConfig, finetune, measure_step, resume_path
 from wasi_compress.memory import measure_saved_activations
-from wasi_compress.modules.training import ASILinear, WASILinear
+from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear
 from wasi_compress.passes.capture import capture
 from wasi_compress.passes.training import (
     TrainingPass, block_of, freeze_before, layer_candidates, plan_activation_ranks, to_inference, trained_blocks,
@@ -91,7 +91,7 @@ def test_pass_replaces_block_linears_and_keeps_the_head_dense(method, update):
     kwargs = {"update": update, "lr": 0.1} if update == "subspace-iteration" else ({"update": update} if update else {})
     p = TrainingPass(cap, method=method, threshold=0.8, activation_threshold=0.8, **kwargs)
     model = p(model).graph_module
-    assert type(model.head) is nn.Linear
+    assert type(model.head) is (nn.Linear if method == "vanilla" else CompactInputLinear)
     kinds = {type(model.get_submodule(s.name)) for s in cap.sites if s.role != "head"}
     expected = {"wasi": WASILinear, "asi": ASILinear, "vanilla": nn.Linear}[method]
     assert kinds == {expected}
@@ -101,7 +101,7 @@ def test_pass_replaces_block_linears_and_keeps_the_head_dense(method, update):
     out = model(x)
     out.sum().backward()
     to_inference(model)
-    assert not any(isinstance(m, (WASILinear, ASILinear)) for m in model.modules())
+    assert not any(isinstance(m, (WASILinear, ASILinear, CompactInputLinear)) for m in model.modules())
 
 
 def test_finetune_last_freezes_the_prefix_and_saves_nothing_there():
@@ -121,6 +121,25 @@ def test_finetune_last_freezes_the_prefix_and_saves_nothing_there():
     # the same figure through memory.measure_saved_activations: about half of the fully trained model
     assert measure_saved_activations(model, x).total_bytes == saved.total_bytes
     assert saved.total_bytes < 0.6 * measure_saved_activations(_tiny(), x).total_bytes
+
+
+def test_compact_input_linear_matches_linear_and_saves_one_token():
+    torch.manual_seed(0)
+    dense = nn.Linear(8, 3)
+    compact = CompactInputLinear.from_linear(dense)
+    assert compact.weight is dense.weight and compact.bias is dense.bias
+    tokens = torch.randn(4, 5, 8, requires_grad=True)
+    grads = []
+    for layer in (dense, compact):
+        with SavedActivations(layer, {"layer": layer}) as saved:
+            out = layer(tokens[:, 0])
+        out.square().sum().backward()
+        grads.append((out.detach(), tokens.grad.clone(), dense.weight.grad.clone()))
+        tokens.grad, dense.weight.grad, dense.bias.grad = None, None, None
+        grads[-1] += (saved.per_module["layer"],)
+    (out_d, gx_d, gw_d, saved_d), (out_c, gx_c, gw_c, saved_c) = grads
+    assert torch.equal(out_d, out_c) and torch.allclose(gx_d, gx_c) and torch.allclose(gw_d, gw_c)
+    assert saved_d == 4 * 5 * 8 * 4 and saved_c == 4 * 8 * 4
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -190,6 +209,9 @@ def test_measure_step_wasi_below_vanilla():
     assert w["peak_bytes"] < v["peak_bytes"]
     assert v["peak_bytes"] >= v["params_bytes"] + v["grads_bytes"]
     assert v["per_layer"]["blocks.0.mlp.fc2"]["saved_input"] == 32 * 5 * 128 * 4  # (B, N, 4*dim) fp32
+    # the head reads the class token: vanilla keeps the whole (B, N, dim) norm output, WASI one token
+    assert v["per_layer"]["head"]["saved_input"] == 32 * 5 * 32 * 4
+    assert w["per_layer"]["head"]["saved_input"] == 32 * 32 * 4
     with SavedActivations(wasi, {"fc": wasi.blocks[0].mlp.fc1}) as saved:
         wasi.train()
         wasi(x)
@@ -207,11 +229,13 @@ def _interrupt(epoch, record):
     raise _Interrupt
 
 
-@pytest.mark.parametrize("update,optimizer,budget,schedule", [("subspace-iteration", "sgd", "120KB", "cosine"),
-                                                              ("factored", "adamw", None, "constant")])
-def test_resume_matches_an_uninterrupted_run(spec, tmp_path, update, optimizer, budget, schedule):
+@pytest.mark.parametrize("update,optimizer,budget,schedule,in_backward", [("subspace-iteration", "sgd", "120KB", "cosine", False),
+                                                                          ("factored", "adamw", None, "constant", False),
+                                                                          ("factored", "sgd", None, "cosine", True)])
+def test_resume_matches_an_uninterrupted_run(spec, tmp_path, update, optimizer, budget, schedule, in_backward):
     kw = dict(model=spec, data="digits", method="wasi", update=update, optimizer=optimizer, activation_budget=budget,
-              schedule=schedule, measure_memory=False, seed=3)
+              schedule=schedule, measure_memory=False, seed=3, step_in_backward=in_backward,
+              momentum=0.9 if optimizer == "sgd" else 0.0)
     straight = finetune(FinetuneConfig(epochs=2, output=str(tmp_path / "a.safetensors"), **kw))
     out = str(tmp_path / "b.safetensors")
     if schedule == "cosine":  # the schedule spans the run: interrupt a 2-epoch run after its first epoch
@@ -314,3 +338,18 @@ def test_subspace_iteration_is_refused_under_ddp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="cannot run under DDP"):
         finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits"))
+    with pytest.raises(UserError, match="step-in-backward cannot run under DDP"):
+        finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits", update="factored", step_in_backward=True))
+
+
+def test_step_in_backward_trains_like_an_ordinary_step_and_holds_no_gradients(spec):
+    """The same run with each optimizer step inside backward gives the same weights, and its measured step
+    keeps no gradient tensors (the vanilla baseline is still measured with an ordinary step)."""
+    kw = dict(model=spec, data="digits", method="wasi", update="factored", momentum=0.9, lr=0.01, epochs=1, seed=1)
+    ordinary = finetune(FinetuneConfig(**kw))
+    fused = finetune(FinetuneConfig(step_in_backward=True, **kw))
+    a, b = ordinary.model.state_dict(), fused.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert ordinary.doc["memory"]["grads_bytes"] > 0 and fused.doc["memory"]["grads_bytes"] == 0
+    assert fused.doc["memory"]["linear_layers_bytes"] < ordinary.doc["memory"]["linear_layers_bytes"]
+    assert fused.doc["memory_vanilla"] == ordinary.doc["memory_vanilla"]

@@ -30,7 +30,7 @@ from wasi_compress.modules.asi import (
 )
 from wasi_compress.modules.subspace import SubspaceLinear, Whitening
 
-__all__ = ["ASILinear", "TrainingModuleTracer", "UPDATE_RULES", "WASILinear"]
+__all__ = ["ASILinear", "CompactInputLinear", "TrainingModuleTracer", "UPDATE_RULES", "WASILinear"]
 
 UPDATE_RULES = ("factored", "subspace-iteration")
 
@@ -59,6 +59,29 @@ class ASILinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, compressor={self.compressor}")
+
+
+class CompactInputLinear(nn.Linear):
+    """A dense linear that never saves a view for backward: in training, an input that is a view into a
+    larger tensor (a ViT head reads x[:, 0], one token of the final norm's (B, N, C) output) is copied
+    first, so autograd keeps B x C values for the weight gradient instead of the whole (B, N, C) storage.
+    Same parameters, same outputs and gradients as the nn.Linear it replaces."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> CompactInputLinear:
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _custom_backward_path(self, x) and self.weight.requires_grad and _is_partial_view(x):
+            x = x.clone(memory_format=torch.contiguous_format)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _is_partial_view(x: Tensor) -> bool:
+    return x.untyped_storage().nbytes() > x.numel() * x.element_size()
 
 
 class WASILinear(nn.Module):
@@ -197,7 +220,7 @@ class TrainingModuleTracer(torch.fx.Tracer):
     their compressed backward and in-backward updates."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (ASILinear, WASILinear)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (ASILinear, CompactInputLinear, WASILinear)) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _CompressedFactoredFunction(torch.autograd.Function):
