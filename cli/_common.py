@@ -79,14 +79,10 @@ def device_option(f: Callable) -> Callable:
 
 
 def check_device(device: str) -> str:
-    import torch
+    """--device, checked before any work starts (one line and exit 2 if torch cannot use it)."""
+    from wasi_compress.loading import resolve_device
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"--device {device!r} is not a torch device: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    resolve_device(device)
     return device
 
 

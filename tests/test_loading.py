@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from wasi_compress.errors import UserError
-from wasi_compress.loading import load_model, read_state_dict
+from wasi_compress.loading import load_model, read_state_dict, resolve_device
 
 FACTORY = "vit_models:functional_head_vit"
 
@@ -455,3 +455,17 @@ def test_split_does_not_depend_on_the_global_seed():
     assert (len(train), len(test)) == (4000, 1000)
     assert np.array_equal(train, train2) and np.array_equal(test, test2)
     assert not set(train) & set(test)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_errors_are_one_line_in_the_python_api_too():
+    from wasi_compress.convert import ConvertConfig, convert
+    from wasi_compress.finetune import FinetuneConfig, finetune
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a torch device"):
+        resolve_device("no-such-device")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits", device="cuda"))
+    with pytest.raises(UserError, match="CUDA is not available"):
+        convert(load_model("builtin:mnist-vit"), ConvertConfig(budget="5MB", device="cuda"))

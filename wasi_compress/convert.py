@@ -51,7 +51,7 @@ from wasi_compress.checkpoint import (
     DTYPES, copy_model_attributes, module_location, save_checkpoint, stored_bytes, structure_entry,
 )
 from wasi_compress.errors import InfeasibleBudgetError, UserError
-from wasi_compress.loading import LoadedModel
+from wasi_compress.loading import LoadedModel, resolve_device
 from wasi_compress.modules.subspace import SubspaceLinear, Whitening, whitened_singular_values
 from wasi_compress.planner import (
     Candidate, LayerCandidates, Plan, pareto_front, plan as make_plan, smallest_feasible_budget,
@@ -272,7 +272,7 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     progress = on_progress or (lambda *_: None)
     loaded = _as_loaded(model, spec)
-    device = _check_device(config.device)
+    device = resolve_device(config.device)
     source, prior_structure = _source_of(loaded, source)
     if config.output and source is None:
         raise UserError(f"{loaded.spec}: a model loaded from a pickled module has no architecture name, so its "
@@ -478,16 +478,6 @@ def _as_loaded(model, spec: str | None) -> LoadedModel:
         size, mean, std = _data_config(model, None)
         return LoadedModel(model, spec or type(model).__name__, size, mean, std, _num_classes(model))
     raise TypeError(f"convert() takes a LoadedModel or an nn.Module, got {type(model).__name__}")
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"--device {device!r} is not a torch device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
 
 
 def _source_of(loaded: LoadedModel, source: dict | None) -> tuple[dict | None, list[dict]]:

@@ -568,13 +568,14 @@ def finetune(config: FinetuneConfig, *, loaded=None,
              on_status: Callable[[str], None] | None = None) -> FinetuneResult:
     """Run a fine-tuning (see the module docstring). Callbacks (rank 0 only): on_step(epoch, step, steps,
     running loss, running train accuracy), on_epoch(epoch, {loss, accuracy, ...}), on_status(text)."""
-    from wasi_compress.loading import load_model
+    from wasi_compress.loading import load_model, resolve_device
     from wasi_compress.passes.capture import capture
 
     dist_info = _init_distributed(config)
     status = on_status if (on_status and dist_info.main) else (lambda _t: None)
     notes: list[str] = []
     device = config.device
+    resolve_device(device)  # one line, not a traceback, for a device torch cannot use
     torch.manual_seed(config.seed)
 
     status("loading the model")

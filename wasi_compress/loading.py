@@ -326,3 +326,14 @@ def _pair(v) -> tuple[int, int]:
 def _num_classes(model: nn.Module) -> int | None:
     n = getattr(model, "num_classes", None)
     return int(n) if isinstance(n, int) else None
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device named by a --device value, or a UserError naming what is wrong with it."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
