@@ -12,21 +12,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
-
-FACTORY = textwrap.dedent('''
-    def tiny(num_classes=10, img_size=None):
-        from wasi_compress import _compat  # noqa: F401
-        import torch
-        from timm.models.vision_transformer import VisionTransformer
-        torch.manual_seed(0)
-        model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=32,
-                                  depth=2, num_heads=2)
-        model.pretrained_cfg = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "num_classes": num_classes}
-        return model
-''')
-
 
 WORKER = textwrap.dedent('''
     import sys
@@ -37,11 +25,11 @@ WORKER = textwrap.dedent('''
     import wasi_compress  # noqa: F401
     from wasi_compress.finetune import FinetuneConfig, finetune
 
-    folder = sys.argv[1]
-    sys.path.insert(0, folder)
+    folder, tests = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, tests)
     torch.set_num_threads(1)
     rank = int(__import__("os").environ["RANK"])
-    config = FinetuneConfig(model="ddp_tiny_models:tiny", data="digits", method="wasi", update="factored",
+    config = FinetuneConfig(model="vit_models:tiny_timm_vit", data="digits", method="wasi", update="factored",
                             epochs=1, batch_size=128, lr=0.1, measure_memory=rank == 0,
                             output=f"{folder}/ddp.safetensors", json_path=f"{folder}/ddp.json")
     result = finetune(config)
@@ -57,11 +45,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_keeps_replicas_identical(tmp_path):
-    (tmp_path / "ddp_tiny_models.py").write_text(FACTORY)
+def test_two_process_ddp_keeps_replicas_identical(tmp_path, vit_models):
     (tmp_path / "worker.py").write_text(WORKER)
+    tests = str(Path(vit_models.__file__).parent)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path)]
+               "--master-port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path), tests]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,15 +60,7 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
         torch.testing.assert_close(r0["state"][key], r1["state"][key], rtol=0, atol=0, msg=key)
     assert r0["accuracy"] == r1["accuracy"]
     # it trained: the head moved away from its initial weights
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import ddp_tiny_models
-
-        initial = ddp_tiny_models.tiny()
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("ddp_tiny_models", None)
-    assert not torch.equal(r0["state"]["head.weight"], initial.head.weight)
+    assert not torch.equal(r0["state"]["head.weight"], vit_models.tiny_timm_vit().head.weight)
     doc = json.loads((tmp_path / "ddp.json").read_text())
     assert doc["world_size"] == 2 and doc["update"] == "factored" and doc["memory"]["peak_bytes"] > 0
     assert (tmp_path / "ddp.safetensors").exists()

@@ -2,7 +2,6 @@
 resume, the checkpoint and the command. Tiny models only (dim 32, 2 blocks, 8x8 digits)."""
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -22,32 +21,22 @@ from wasi_compress.peak_memory import LiveTensorBytes, SavedActivations
 
 torch.set_num_threads(1)
 
-FACTORY = textwrap.dedent('''
-    def tiny(num_classes=10, img_size=None):
-        from wasi_compress import _compat  # noqa: F401
-        import torch
-        from timm.models.vision_transformer import VisionTransformer
-        torch.manual_seed(0)
-        model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=32,
-                                  depth=2, num_heads=2)
-        model.pretrained_cfg = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "num_classes": num_classes}
-        return model
-''')
+@pytest.fixture(autouse=True)
+def tiny_vit_factory(vit_models):
+    """Every test here may build the tiny timm ViT of tests/vit_models.py (the fixture puts it on sys.path)."""
+    return vit_models.tiny_timm_vit
 
 
 @pytest.fixture
-def spec(tmp_path, monkeypatch):
-    """MODEL spec of a tiny timm ViT factory importable from tmp_path."""
-    (tmp_path / "ft_tiny_models.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "ft_tiny_models:tiny"
+def spec():
+    """MODEL spec of that ViT."""
+    return "vit_models:tiny_timm_vit"
 
 
 def _tiny():
-    from timm.models.vision_transformer import VisionTransformer
+    from vit_models import tiny_timm_vit
 
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    return tiny_timm_vit()
 
 
 def _batch(n=16):

@@ -5,7 +5,9 @@ folder is put on sys.path by conftest.py).
   and a FUNCTIONAL classifier head, ``F.linear(x, self.head_weight, self.head_bias)``;
 - ``mha_vit``: blocks built on nn.MultiheadAttention, whose projections are hidden until rewritten;
 - ``untraceable_vit``: data-dependent control flow (``if x.sum() > 0``) that torch.fx cannot trace, so
-  capture must fall back to forward hooks.
+  capture must fall back to forward hooks;
+- ``tiny_timm_vit``: timm's own VisionTransformer at 8x8 px, one channel (the fine-tuning tests: digits
+  images fit it without resizing).
 
 Every factory accepts ``num_classes`` and ``img_size`` and is tiny (dim 32, depth 2, 17 tokens at 32 px)
 so a test runs in well under a second."""
@@ -163,3 +165,14 @@ EXPECTED_LINEARS = {
 
 def not_a_module(num_classes: int = 10, img_size: int = 32):
     return "not a module"
+
+
+def tiny_timm_vit(num_classes: int = 10, img_size: int | None = None) -> nn.Module:
+    from wasi_compress import _compat  # noqa: F401  (before timm)
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=32, depth=2,
+                              num_heads=2)
+    model.pretrained_cfg = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "num_classes": num_classes}
+    return model
