@@ -75,7 +75,8 @@ def render(doc: dict, console) -> None:
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning rate per step: cosine decay from --lr over the run, or constant.")
-@click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (the paper uses none; the README's transfer recipe uses 0.9 with --lr 0.01).")
+@click.option("--momentum", type=float, default=0.0, show_default=True,
+              help="SGD momentum (the paper uses none; the README's transfer recipe uses 0.9 with --lr 0.01).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--step-in-backward", is_flag=True, help="Run each parameter's optimizer step inside backward as soon as its "
               "gradient is ready, and drop the gradient: gradients never all exist at once (not under DDP).")
@@ -102,9 +103,9 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, data, met
         model=model, data=data, method=method, update=update, threshold=threshold,
         activation_threshold=activation_threshold, activation_budget=activation_budget, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
-        step_in_backward=step_in_backward, finetune_last=finetune_last, seed=seed, resume=resume, output=output, json_path=json_path,
-        report_dir=report_dir, device=check_device(device), arch=arch, weights=weights, trust_pickle=trust_pickle,
-        num_classes=num_classes, img_size=img_size)
+        step_in_backward=step_in_backward, finetune_last=finetune_last, seed=seed, resume=resume, output=output,
+        json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
+        trust_pickle=trust_pickle, num_classes=num_classes, img_size=img_size)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"), TimeElapsedColumn(),

@@ -241,6 +241,21 @@ def test_resume_matches_an_uninterrupted_run(spec, tmp_path, update, optimizer, 
         finetune(FinetuneConfig(epochs=2, output=out, resume=True, **{**kw, "seed": 4}))
 
 
+def test_resume_state_from_before_a_new_setting_still_resumes(spec, tmp_path):
+    """A resume state written before a setting existed (here step_in_backward) counts it at its default."""
+    out = str(tmp_path / "a.safetensors")
+    kw = dict(model=spec, data="digits", method="wasi", update="factored", schedule="constant", measure_memory=False)
+    finetune(FinetuneConfig(epochs=1, output=out, **kw))
+    state = torch.load(resume_path(out), weights_only=True)
+    config = json.loads(state["config"])
+    del config["step_in_backward"]
+    state["config"] = json.dumps(config)
+    torch.save(state, resume_path(out))
+    assert len(finetune(FinetuneConfig(epochs=2, output=out, resume=True, **kw)).doc["epochs"]) == 2
+    with pytest.raises(UserError, match="step_in_backward"):
+        finetune(FinetuneConfig(epochs=3, output=out, resume=True, step_in_backward=True, **kw))
+
+
 def test_grad_core_path_equals_the_direct_path(monkeypatch):
     """The contraction of dY through the compressed input (modules/training.py, asi.grad_core) gives the same
     dX, gradients and subspace-iteration update as the products with dY it replaces."""

@@ -81,8 +81,8 @@ RESUME_VERSION = 1
 EVAL_BATCH = 256
 # Settings that must match between a run and the run that resumes it (epochs may grow).
 _RESUME_KEYS = ("model", "data", "method", "update", "threshold", "activation_threshold", "activation_budget",
-                "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "step_in_backward", "finetune_last", "seed", "arch",
-                "weights", "num_classes", "img_size")
+                "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "step_in_backward",
+                "finetune_last", "seed", "arch", "weights", "num_classes", "img_size")
 
 
 @dataclass
@@ -483,7 +483,8 @@ def _load_compressor_state(model: nn.Module, state: dict[str, dict[str, Any]], d
 def _check_resume(config: FinetuneConfig, state: dict[str, Any], world: int, path: Path) -> None:
     if state.get("version") != RESUME_VERSION:
         raise UserError(f"{path}: resume state version {state.get('version')!r} is not one this version reads")
-    saved = json.loads(state["config"])
+    # a setting added after the state was written was at its default then
+    saved = {**FinetuneConfig(model=config.model, data=config.data).to_dict(), **json.loads(state["config"])}
     now = config.to_dict()
     keys = _RESUME_KEYS + (("epochs",) if config.schedule == "cosine" else ())
     for key in keys:
