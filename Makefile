@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with nothing but Python:
 #   make demo   set up .venv, then run the main job on the embedded default model (outputs under out/)
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv, then run the test suite (all of it, as CI does)
+#   make test-fast   the inner loop: the suite without the tests marked slow (under 30 s)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,9 +10,9 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= builtin:mnist-vit
 # the fine-tuning recipe of the README's transfer figures: the same optimizer for both methods
 FT_OPT  := --momentum 0.9 --lr 0.01
-FT_WASI := --update factored --threshold 0.7
+FT_WASI := --update optimizer-step --threshold 0.7
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 
 setup: $(STAMP)
 
@@ -40,6 +41,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

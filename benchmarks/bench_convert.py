@@ -58,7 +58,7 @@ def onnx_session(model: nn.Module, x: torch.Tensor, folder: Path, name: str, thr
 
 
 def latency_rows(label: str, original: nn.Module, converted: nn.Module, input_size, batches, runs, threads, folder):
-    from wasi_compress.analysis import example_input
+    from wasi_compress.inputs import example_input
 
     rows = []
     sessions = {which: onnx_session(model, example_input(input_size, 2), folder, f"{label}-{which}", threads)
@@ -88,7 +88,7 @@ def print_rows(label: str, rows) -> None:
 
 
 def describe(label: str, original: nn.Module, converted: nn.Module, input_size) -> None:
-    from wasi_compress.analysis import example_input
+    from wasi_compress.inputs import example_input
     from wasi_compress.flops import count_flops
 
     x = example_input(input_size, 1)
@@ -120,7 +120,7 @@ def mnist_case():
 def vit_base_case():
     import copy
 
-    from wasi_compress.analysis import example_input
+    from wasi_compress.inputs import example_input
     from wasi_compress.loading import load_model
     from wasi_compress.modules.subspace import SubspaceLinear
     from wasi_compress.passes.capture import capture

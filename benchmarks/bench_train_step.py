@@ -2,7 +2,7 @@
 WASI with both update rules, with ranks from eps = 0.8 and from a fixed 25% of full rank.
 
 For each configuration: median wall time of the timed steps (after warm-up), the measured whole-step
-peak of live tensor bytes (wasi_compress.peak_memory.LiveTensorBytes over forward, backward and the SGD
+peak of live tensor bytes (wasi_compress.measure.LiveTensorBytes over forward, backward and the SGD
 step), the saved activations (saved_tensors_hooks, each storage once) and the paper's scope (weights and
 saved inputs of the MLP linears), each also as a ratio to vanilla. Memory is measured on one extra step
 after the timed ones, so the tracker's overhead never enters the timings. All models are built first and the
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wasi_compress  # noqa: E402,F401  (before timm)
-from wasi_compress.finetune import _after_step_fn, measure_step, train_step  # noqa: E402
+from wasi_compress.finetune import after_step_fn as _after_step_fn, measure_step, train_step  # noqa: E402
 from wasi_compress.modules.training import WASILinear  # noqa: E402
 from wasi_compress.passes.capture import capture  # noqa: E402
 from wasi_compress.passes.training import TrainingPass  # noqa: E402
@@ -47,8 +47,8 @@ CONFIGS = (
     ("ASI, 25% ranks", dict(method="asi", ranks="25%")),
     ("WASI subspace-iteration, eps 0.8", dict(method="wasi", update="subspace-iteration", ranks="eps")),
     ("WASI subspace-iteration, 25% ranks", dict(method="wasi", update="subspace-iteration", ranks="25%")),
-    ("WASI factored, eps 0.8", dict(method="wasi", update="factored", ranks="eps")),
-    ("WASI factored, 25% ranks", dict(method="wasi", update="factored", ranks="25%")),
+    ("WASI optimizer-step, threshold 0.8", dict(method="wasi", update="optimizer-step", ranks="eps")),
+    ("WASI optimizer-step, 25% ranks", dict(method="wasi", update="optimizer-step", ranks="25%")),
 )
 LR = 0.05
 

@@ -3,7 +3,7 @@ seeds 0, 1 and 2, WASI beside vanilla with the same optimizer, and print held-ou
 measured memory of the linear layers (weights, gradients, optimizer state, saved inputs).
 
 Two settings, each run for both methods:
-- recipe: SGD momentum 0.9, lr 0.01 (cosine); WASI with the factored rule, weight threshold 0.7,
+- recipe: SGD momentum 0.9, lr 0.01 (cosine); WASI with the optimizer-step rule, weight threshold 0.7,
   activation threshold 0.95 and --step-in-backward;
 - paper: SGD without momentum, lr 0.05 (cosine); WASI with the subspace-iteration rule, weight
   threshold 0.8, activation threshold 0.95 (the command's defaults).
@@ -29,7 +29,7 @@ from wasi_compress.finetune import FinetuneConfig, finetune
 SEEDS = (0, 1, 2)
 SETTINGS = {
     "recipe": {"vanilla": {"momentum": 0.9, "lr": 0.01},
-               "wasi": {"momentum": 0.9, "lr": 0.01, "update": "factored", "threshold": 0.7, "step_in_backward": True}},
+               "wasi": {"momentum": 0.9, "lr": 0.01, "update": "optimizer-step", "threshold": 0.7, "step_in_backward": True}},
     "paper": {"vanilla": {}, "wasi": {}},
 }
 

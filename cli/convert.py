@@ -91,7 +91,8 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, budget, o
             calib, calib_batches, rank_multiple, rank_grid, thresholds, onnx_path, json_path, eval_data, seed,
             report_dir, device):
     """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
-    from wasi_compress.convert import ConvertConfig, convert, source_from_options
+    from wasi_compress.architectures import checkpoint_source
+    from wasi_compress.convert import ConvertConfig, convert
 
     console = console_for(json_path)
     config = ConvertConfig(budget=budget, dtype=dtype, allocator=allocator, objective=objective, calib=calib,
@@ -99,7 +100,7 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, budget, o
                            thresholds=thresholds, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
                            json=json_path, report=report_dir, device=device)
     loaded = load_from_options(model, arch, weights, trust_pickle, num_classes, img_size)
-    source = None if loaded.metadata else source_from_options(model, arch, num_classes, img_size)
+    source = None if loaded.metadata else checkpoint_source(model, arch=arch, num_classes=num_classes, img_size=img_size)
     # progress on stderr: stdout only ever carries results (and stays empty on an error)
     with progress_bar(Console(stderr=True), "converting") as on_progress:
         result = convert(loaded, config, on_progress=on_progress, source=source)

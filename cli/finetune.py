@@ -2,10 +2,10 @@
 activations, within an activation budget, and show the measured memory and time against ordinary
 fine-tuning. Thin: options -> wasi_compress.finetune.finetune -> progress, tables, JSON, report.
 
-Under torchrun the same command trains with DDP (factored rule; gloo on CPU)::
+Under torchrun the same command trains with DDP (optimizer-step rule; gloo on CPU)::
 
     torchrun --nproc-per-node 2 .venv/bin/wasi-compress finetune builtin:mnist-vit --data digits \\
-        --method wasi --update factored -o out/ddp.safetensors
+        --method wasi --update optimizer-step -o out/ddp.safetensors
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def render(doc: dict, console) -> None:
 @click.option("--data", required=True, help="mnist, digits, or an image folder (one subfolder per class).")
 @click.option("--method", type=click.Choice(["wasi", "asi", "vanilla"]), default="wasi", show_default=True,
               help="wasi: weight subspace + compressed activations; asi: compressed activations; vanilla: ordinary.")
-@click.option("--update", type=click.Choice(["subspace-iteration", "factored"]), default="subspace-iteration",
-              show_default=True, help="WASI training rule: the paper's subspace iteration, or L, R trained by the optimizer (DDP).")
+@click.option("--update", type=click.Choice(["subspace-iteration", "optimizer-step", "factored"]), default="subspace-iteration",
+              show_default=True, help="WASI training rule: the paper's subspace iteration inside backward, or optimizer-step: L, R "
+                   "stepped by the optimizer and re-orthonormalised (DDP). 'factored' is the old name of optimizer-step.")
 @click.option("--threshold", type=float, default=0.8, show_default=True, help="Explained variance of each weight's subspace.")
 @click.option("--activation-threshold", type=float, default=0.95, show_default=True,
               help="Explained variance of each saved input's Tucker ranks (without --activation-budget).")
@@ -131,10 +132,6 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, data, met
         if status in progress.task_ids:
             progress.remove_task(status)
 
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     if quiet:
         return
     render(result.doc, console)

@@ -9,8 +9,9 @@ import click
 
 from wasi_compress import gates
 from wasi_compress.errors import UserError
+from wasi_compress.reports import ANALYZE_SCHEMA, CONVERT_SCHEMA, FINETUNE_SCHEMA
 
-_ARGUMENT_OF = {gates.ANALYZE: "analyze", gates.CONVERT: "convert", gates.FINETUNE: "finetune"}
+_ARGUMENT_OF = {ANALYZE_SCHEMA: "analyze", CONVERT_SCHEMA: "convert", FINETUNE_SCHEMA: "finetune"}
 
 
 @click.command("report")

@@ -21,21 +21,11 @@ from torch.overrides import TorchFunctionMode
 
 from wasi_compress import _compat  # noqa: F401  (before timm)
 
-# Module types that act as a linear layer: type -> attribute names (weight-like first). Modules of the
-# method register themselves here (see register_linear_type) so captured models that are already
-# converted are understood too.
-_LINEAR_TYPES: dict[type, str] = {nn.Linear: "weight"}
+# Module types that act as a linear layer: the layers register themselves in modules/registry.py
+# (re-exported here: register_linear_type is part of capture's API).
+from wasi_compress.modules.registry import _LINEAR_TYPES, is_linear_module, register_linear_type  # noqa: F401
+
 _FUNCTIONAL_LINEARS = (F.linear, torch._C._nn.linear)
-
-
-def register_linear_type(cls: type, weight_attr: str) -> type:
-    """Declare a module type as a linear layer (a leaf for tracing, a site for analysis)."""
-    _LINEAR_TYPES[cls] = weight_attr
-    return cls
-
-
-def is_linear_module(m: nn.Module) -> bool:
-    return isinstance(m, tuple(_LINEAR_TYPES))
 
 
 @dataclass
@@ -149,25 +139,11 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
 
     With ``rewrite_attention`` (default), nn.MultiheadAttention modules are first rewritten in place into
     ExplicitMultiheadAttention so their projections are visible."""
-    from wasi_compress.passes.attention import ExplicitAttentionPass
-
-    skipped: list[dict[str, str]] = []
-    if rewrite_attention:
-        ExplicitAttentionPass()(model)
-    for name, m in model.named_modules():
-        if type(m) is nn.MultiheadAttention:
-            skipped.append({"name": name, "reason": "nn.MultiheadAttention hides its q/k/v projections (attention rewrite disabled)"})
+    skipped = _hidden_attention(model, rewrite_attention)
     module_sites = {name: _module_site(name, m) for name, m in model.named_modules()
                     if is_linear_module(m) and not _inside(name, {s["name"] for s in skipped})}
     example = example_input if isinstance(example_input, tuple) else (example_input,)
-
-    gm: fx.GraphModule | None = None
-    note = None
-    try:
-        gm = trace(model)
-    except Exception as exc:  # fx raises many error types (TraceError, TypeError, AssertionError...)
-        note = f"fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears were found with forward hooks; functional linears are listed as skipped"
-
+    gm, note = _trace_or_note(model)
     functional: list[LinearSite] = []
     order: dict[str, int] = {}
     seen_functional: dict[str, None] = {}  # hooks path: parameters used as F.linear weights outside linear modules
@@ -176,45 +152,80 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
     try:
         with torch.no_grad():
             if gm is not None:
-                handles = _record_module_calls(gm, module_sites)
-                try:
-                    _propagate_shapes(gm, example)
-                except Exception as exc:
-                    # The traced graph does not run on the example. Run the model itself: if it fails too,
-                    # its own error (e.g. a wrong input size, with real numbers) is what the user must see;
-                    # if it runs, the graph is unfaithful and capture falls back to hooks, saying why.
-                    model(*example)
-                    gm = None
-                    note = (f"fx traced {type(model).__name__} but the graph failed on the example input "
-                            f"({type(exc.__cause__ or exc).__name__}: {_first_line(exc.__cause__ or exc)}); "
-                            "linears were found with forward hooks")
-                    for site in module_sites.values():
-                        site.calls, site.input_shape, site.output_shape, site.node = 0, None, None, None
-                finally:
-                    for remove in handles:
-                        remove()
+                gm, note = _shapes_on_graph(gm, model, module_sites, example, note)
                 if gm is not None:
                     functional, order = _scan_graph(gm, module_sites, skipped)
             if gm is None:
-                handles = _record_module_calls(model, module_sites)
-                call_order: list[str] = []
-                for name, m in model.named_modules():
-                    if name in module_sites:
-                        handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: call_order.append(name)).remove)
-                recorder = _FunctionalLinearRecorder({id(p): n for n, p in model.named_parameters()})
-                try:
-                    with recorder:
-                        model(*example)
-                finally:
-                    for remove in handles:
-                        remove()
-                for name in call_order:
-                    order.setdefault(name, len(order))
-                called = {name for name, site in module_sites.items() if site.calls}
-                seen_functional = {w: None for w in recorder.weights if not _inside(w.rpartition(".")[0], called)}
+                order, seen_functional = _run_with_hooks(model, module_sites, example)
     finally:
         model.train(was_training)
+    sites = _called_sites(module_sites, seen_functional, skipped) + functional
+    sites.sort(key=lambda s: order.get(s.name, len(order)))
+    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input)
 
+
+def _hidden_attention(model: nn.Module, rewrite_attention: bool) -> list[dict[str, str]]:
+    """Rewrite nn.MultiheadAttention (or, without the rewrite, list it as skipped)."""
+    from wasi_compress.passes.attention import ExplicitAttentionPass
+
+    if rewrite_attention:
+        ExplicitAttentionPass()(model)
+    return [{"name": name, "reason": "nn.MultiheadAttention hides its q/k/v projections (attention rewrite disabled)"}
+            for name, m in model.named_modules() if type(m) is nn.MultiheadAttention]
+
+
+def _trace_or_note(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
+    try:
+        return trace(model), None
+    except Exception as exc:  # fx raises many error types (TraceError, TypeError, AssertionError...)
+        return None, (f"fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears "
+                      "were found with forward hooks; functional linears are listed as skipped")
+
+
+def _shapes_on_graph(gm, model, module_sites, example, note):
+    """Shapes on the traced graph. If the graph does not run on the example, run the model itself: if
+    it fails too, its own error (e.g. a wrong input size) is what the user must see; if it runs, the
+    graph is unfaithful and capture falls back to hooks, saying why."""
+    handles = _record_module_calls(gm, module_sites)
+    try:
+        _propagate_shapes(gm, example)
+    except Exception as exc:
+        model(*example)
+        cause = exc.__cause__ or exc
+        note = (f"fx traced {type(model).__name__} but the graph failed on the example input "
+                f"({type(cause).__name__}: {_first_line(cause)}); linears were found with forward hooks")
+        for site in module_sites.values():
+            site.calls, site.input_shape, site.output_shape, site.node = 0, None, None, None
+        return None, note
+    finally:
+        for remove in handles:
+            remove()
+    return gm, note
+
+
+def _run_with_hooks(model, module_sites, example) -> tuple[dict[str, int], dict[str, None]]:
+    """One forward pass with hooks: call order, shapes, and F.linear weights outside linear modules."""
+    handles = _record_module_calls(model, module_sites)
+    call_order: list[str] = []
+    for name, m in model.named_modules():
+        if name in module_sites:
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: call_order.append(name)).remove)
+    recorder = _FunctionalLinearRecorder({id(p): n for n, p in model.named_parameters()})
+    try:
+        with recorder:
+            model(*example)
+    finally:
+        for remove in handles:
+            remove()
+    order: dict[str, int] = {}
+    for name in call_order:
+        order.setdefault(name, len(order))
+    called = {name for name, site in module_sites.items() if site.calls}
+    return order, {w: None for w in recorder.weights if not _inside(w.rpartition(".")[0], called)}
+
+
+def _called_sites(module_sites, seen_functional, skipped) -> list[LinearSite]:
+    """The module sites forward called; the others, and functional linears hooks cannot see, are skipped."""
     sites = []
     for name, site in module_sites.items():
         if site.calls == 0:
@@ -229,9 +240,7 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
     for weight_name in seen_functional:
         skipped.append({"name": weight_name, "reason": "F.linear on this parameter, seen in the forward pass; forward hooks "
                         "cannot capture a functional linear (fx could not trace the model)"})
-    sites.extend(functional)
-    sites.sort(key=lambda s: order.get(s.name, len(order)))
-    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input)
+    return sites
 
 
 def _propagate_shapes(gm: fx.GraphModule, example: tuple) -> None:

@@ -15,21 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from wasi_compress.passes.base import PassResult, WasiPass, mark
+from wasi_compress.marks import mark_module, marked_modules
+from wasi_compress.passes.base import META_KEY, PassResult, WasiPass, mark
 from wasi_compress.passes.capture import LinearSite
 
 # builder(site, dense) -> module computing the same function (approximately, at a rank); `dense` is a
 # transient nn.Linear sharing the site's weight and bias (no copy). The built module must offer
 # `to_linear()` for the pass to be reversible.
 Builder = Callable[[LinearSite, nn.Linear], nn.Module]
-
-
-@dataclass
-class _Replaced:
-    site: LinearSite
-    module_name: str            # where the new module lives
-    param_owner: str | None = None  # functional sites: module that held the raw weight parameter
-    param_name: str | None = None
 
 
 def dense_view(model: nn.Module, site: LinearSite) -> nn.Linear:
@@ -49,9 +42,19 @@ def dense_view(model: nn.Module, site: LinearSite) -> nn.Linear:
     return lin
 
 
+@dataclass
+class Replaced:
+    """What one call replaced (for reading; `reverse` uses the marks on the model, not this list)."""
+
+    site: LinearSite
+    module_name: str            # where the new module lives
+
+
 class ReplaceLinearsPass(WasiPass):
     """Replace the given sites with modules made by `builder`. Reversible when the new modules have
-    ``to_linear()``. Preserves computation only if the builder does (e.g. full rank)."""
+    ``to_linear()``: every new module is marked (wasi_compress.marks) and every rewritten graph node
+    carries its mark in ``node.meta``, and `reverse` reads those marks, so it works on any model this
+    pass changed, also a copy or a reloaded one. Preserves computation only if the builder does."""
 
     name = "replace_linears"
     reversible = True
@@ -60,7 +63,7 @@ class ReplaceLinearsPass(WasiPass):
         self.sites = list(sites)
         self.builder = builder
         self.preserves_computation = preserves_computation
-        self.replaced: list[_Replaced] = []
+        self.replaced: list[Replaced] = []
 
     def call(self, module: nn.Module) -> PassResult:
         functional = [s for s in self.sites if s.kind == "functional"]
@@ -68,22 +71,22 @@ class ReplaceLinearsPass(WasiPass):
             raise TypeError(f"{functional[0].name} is a functional linear; pass the captured GraphModule")
         for site in self.sites:
             dense = dense_view(module, site)
-            new = self.builder(site, dense)
+            new = mark_module(self.builder(site, dense), self.name, site=site.name, kind=site.kind)
             if site.kind == "module":
                 module.set_submodule(site.name, new)
-                self.replaced.append(_Replaced(site, site.name))
+                self.replaced.append(Replaced(site, site.name))
                 if isinstance(module, fx.GraphModule):
                     for node in module.graph.nodes:
                         if node.op == "call_module" and node.target == site.name:
                             mark(node, self.name, site=site.name, module=type(new).__name__)
             else:
-                self.replaced.append(self._rewrite_functional(module, site, new))
+                self.replaced.append(Replaced(site, self._rewrite_functional(module, site, new)))
         if isinstance(module, fx.GraphModule) and functional:
             module.graph.lint()
             module.recompile()
         return PassResult(module, bool(self.sites))
 
-    def _rewrite_functional(self, gm: fx.GraphModule, site: LinearSite, new: nn.Module) -> _Replaced:
+    def _rewrite_functional(self, gm: fx.GraphModule, site: LinearSite, new: nn.Module) -> str:
         node = next(n for n in gm.graph.nodes if n.name == site.node)
         weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
         bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -107,7 +110,8 @@ class ReplaceLinearsPass(WasiPass):
                 out = gm.graph.call_function(torch.add, (call, bias_node))
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        mark(call, self.name, site=site.name, module=type(new).__name__, functional=True)
+        mark(call, self.name, site=site.name, module=type(new).__name__, functional=True, param_owner=param_owner,
+             param_name=param_name, weight_name=site.weight_name, bias_name=site.bias_name)
         for attr in (weight_node, bias_node if site.bias_name else None):
             if isinstance(attr, fx.Node) and attr.op == "get_attr" and not attr.users:
                 gm.graph.erase_node(attr)
@@ -117,39 +121,41 @@ class ReplaceLinearsPass(WasiPass):
             if site.bias_name:
                 b_owner, _, b_name = site.bias_name.rpartition(".")
                 delattr(gm.get_submodule(b_owner), b_name)
-        return _Replaced(site, module_name, param_owner, param_name)
+        return module_name
 
     def reverse(self, module: nn.Module) -> PassResult:
-        """Put dense linears back (W = L R for factored modules)."""
-        for rec in reversed(self.replaced):
-            new = module.get_submodule(rec.module_name)
-            dense = new.to_linear()
-            if rec.site.kind == "module":
-                module.set_submodule(rec.module_name, dense)
-                continue
-            gm: fx.GraphModule = module  # type: ignore[assignment]
-            call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == rec.module_name)
-            if rec.param_owner is None:
-                gm.set_submodule(rec.module_name, dense)
-                w_target, b_target = f"{rec.module_name}.weight", (f"{rec.module_name}.bias" if dense.bias is not None else None)
-            else:
-                owner = gm.get_submodule(rec.param_owner)
-                delattr(owner, f"{rec.param_name}_linear")
-                owner.register_parameter(rec.param_name, dense.weight)
-                w_target = rec.site.weight_name
-                b_target = None
-                if rec.site.bias_name:
-                    b_owner, _, b_name = rec.site.bias_name.rpartition(".")
-                    gm.get_submodule(b_owner).register_parameter(b_name, dense.bias)
-                    b_target = rec.site.bias_name
-            with gm.graph.inserting_before(call):
-                w = gm.graph.get_attr(w_target)
-                b = gm.graph.get_attr(b_target) if b_target else None
-                lin = gm.graph.call_function(F.linear, (call.args[0], w, b))
-            call.replace_all_uses_with(lin)
-            gm.graph.erase_node(call)
+        """Put dense linears back (W = L R for factored modules), found by this pass's marks."""
+        if isinstance(module, fx.GraphModule):
+            for call in [n for n in module.graph.nodes if self.name in n.meta.get(META_KEY, {})
+                         and n.meta[META_KEY][self.name].get("functional")]:
+                self._restore_functional(module, call, call.meta[META_KEY][self.name])
+        for name, m, info in list(marked_modules(module, self.name)):
+            if info["kind"] == "module":
+                module.set_submodule(name, m.to_linear())
         if isinstance(module, fx.GraphModule):
             module.graph.lint()
             module.recompile()
         self.replaced.clear()
         return PassResult(module, True)
+
+    def _restore_functional(self, gm: fx.GraphModule, call: fx.Node, info: dict) -> None:
+        """The F.linear call (and its raw parameters) that `_rewrite_functional` replaced by `call`."""
+        dense = gm.get_submodule(call.target).to_linear()
+        if info["param_owner"] is None:
+            gm.set_submodule(call.target, dense)
+            w_target, b_target = f"{call.target}.weight", (f"{call.target}.bias" if dense.bias is not None else None)
+        else:
+            owner = gm.get_submodule(info["param_owner"])
+            delattr(owner, f"{info['param_name']}_linear")
+            owner.register_parameter(info["param_name"], dense.weight)
+            w_target, b_target = info["weight_name"], None
+            if info["bias_name"]:
+                b_owner, _, b_name = info["bias_name"].rpartition(".")
+                gm.get_submodule(b_owner).register_parameter(b_name, dense.bias)
+                b_target = info["bias_name"]
+        with gm.graph.inserting_before(call):
+            w = gm.graph.get_attr(w_target)
+            b = gm.graph.get_attr(b_target) if b_target else None
+            lin = gm.graph.call_function(F.linear, (call.args[0], w, b))
+        call.replace_all_uses_with(lin)
+        gm.graph.erase_node(call)

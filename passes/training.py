@@ -41,12 +41,13 @@ from torch import Tensor, fx, nn
 from wasi_compress.errors import UserError
 from wasi_compress.modules.asi import TuckerCompressor, compressed_bytes, mode_gram, mode_product, weight_grad_from_compressed
 from wasi_compress.modules.subspace import SubspaceLinear
-from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear
+from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear, canonical_update
 from wasi_compress.passes.base import PassResult, WasiPass
 from wasi_compress.passes.capture import Capture, LinearSite
-from wasi_compress.passes.replace import ReplaceLinearsPass
+from wasi_compress.passes.replace import ReplaceLinearsPass, dense_view
 from wasi_compress.planner import Candidate, LayerCandidates, Plan, plan
 from wasi_compress.spectrum import break_even_rank, rank_for_threshold
+from wasi_compress.marks import copy_marks, mark_module
 
 __all__ = [
     "BLOCK_ROLES",
@@ -88,7 +89,7 @@ class TrainingLayer:
     module: str                     # "wasi", "asi" or "dense"
     trained: bool
     weight_rank: int | None = None  # WASI rank (None: dense weight)
-    activation: str = "none"        # "eps=0.8", "ranks=[..]", or "none" (saved input kept exact)
+    activation: str = "none"        # "threshold=0.8", "ranks=[..]", or "none" (saved input kept exact)
     activation_ranks: list[int] | None = None
     note: str = ""
 
@@ -124,17 +125,20 @@ class TrainingPass(WasiPass):
     settings (the rule updates L, R inside backward); the factored rule takes them from the optimizer."""
 
     name = "training_modules"
-    reversible = False
+    reversible = True  # reverse = to_inference: the trained layers in their inference form
 
     def __init__(self, capture: Capture, *, method: str, update: str = "subspace-iteration", threshold: float = 0.8,
                  activation_threshold: float | None = 0.95, weight_ranks: dict[str, int | None] | None = None,
                  activation_ranks: dict[str, list[int] | None] | None = None, lr: float | None = None,
-                 weight_decay: float = 0.0, finetune_last: int | None = None):
+                 weight_decay: float = 0.0, finetune_last: int | None = None, roles: Sequence[str] = BLOCK_ROLES,
+                 filter_fn: Callable[[nn.Module, str], bool] | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.capture = capture
         self.method = method
-        self.update = update
+        self.update = canonical_update(update)
+        self.roles = tuple(roles)
+        self.filter_fn = filter_fn
         self.threshold = threshold
         self.activation_threshold = activation_threshold
         self.weight_ranks = weight_ranks
@@ -147,8 +151,18 @@ class TrainingPass(WasiPass):
         self.preserves_computation = method == "vanilla"
 
     def selected_sites(self) -> list[LinearSite]:
-        """The sites that get a training module: block linears of the trained blocks."""
-        return [s for s in self.capture.sites if s.role in BLOCK_ROLES and block_of(s.name) in self.blocks]
+        """The sites that get a training module: linears of the trained blocks whose role is in ``roles``,
+        or, with ``filter_fn(module, fqn)``, those of the trained blocks it accepts."""
+        out = []
+        for s in self.capture.sites:
+            if block_of(s.name) not in self.blocks:
+                continue
+            if self.filter_fn is None:
+                if s.role in self.roles:
+                    out.append(s)
+            elif self.filter_fn(_site_module(self.capture.model, s), s.name):
+                out.append(s)
+        return out
 
     def call(self, module: nn.Module) -> PassResult:
         selected = {s.name for s in self.selected_sites()}
@@ -166,10 +180,20 @@ class TrainingPass(WasiPass):
                 raise UserError(f"{sites[0].name} is a functional linear and fx could not trace the model")
             module = self.capture.graph_module
         by_name = {layer.name: layer for layer in self.layers}
-        inner = ReplaceLinearsPass(sites, lambda site, dense: self._build(site, dense, module, by_name[site.name]))
+
+        def build(site: LinearSite, dense: nn.Linear) -> nn.Module:
+            new = self._build(site, dense, module, by_name[site.name])
+            origin = "subspace" if isinstance(_current(module, site), SubspaceLinear) else "linear"
+            return new if new is dense else mark_module(new, self.name, site=site.name, kind=site.kind, origin=origin)
+
+        inner = ReplaceLinearsPass(sites, build)
         result = inner(module)
         self._compact_inputs(result.graph_module, selected)
         return PassResult(result.graph_module, True)
+
+    def reverse(self, module: nn.Module) -> PassResult:
+        """The training modules' inference form (SubspaceLinear for WASI, nn.Linear for the others)."""
+        return PassResult(to_inference(module), True)
 
     def _compact_inputs(self, module: nn.Module, selected: set[str]) -> None:
         """Trained dense linears outside the blocks (the head) become CompactInputLinear: a head reading
@@ -179,7 +203,8 @@ class TrainingPass(WasiPass):
                 continue
             current = module.get_submodule(site.name)
             if type(current) is nn.Linear:
-                module.set_submodule(site.name, CompactInputLinear.from_linear(current))
+                new = CompactInputLinear.from_linear(current)
+                module.set_submodule(site.name, mark_module(new, self.name, site=site.name, kind="module", origin="linear"))
                 layer.note += "; saves a compact copy of its input when that is a view of a larger tensor"
 
     # ---------------------------------------------------------------------------------------------
@@ -193,7 +218,7 @@ class TrainingPass(WasiPass):
             return TuckerCompressor(ranks=list(ranks))
         if self.activation_threshold is None:
             return None
-        layer.activation = f"eps={self.activation_threshold:g}"
+        layer.activation = f"threshold={self.activation_threshold:g}"
         return TuckerCompressor(eps=self.activation_threshold)
 
     def _build(self, site: LinearSite, dense: nn.Linear, model: nn.Module, layer: TrainingLayer) -> nn.Module:
@@ -232,6 +257,15 @@ class TrainingPass(WasiPass):
 
         rank = rank_for_threshold(singular_values(dense.weight), self.threshold)
         return rank if rank <= break_even_rank(site.out_features, site.in_features) else None
+
+
+def _current(model: nn.Module, site: LinearSite) -> nn.Module | None:
+    return model.get_submodule(site.name) if site.kind == "module" else None
+
+
+def _site_module(model: nn.Module, site: LinearSite) -> nn.Module:
+    """What filter_fn sees for a site: its module, or a dense view of a functional linear's parameters."""
+    return model.get_submodule(site.name) if site.kind == "module" else dense_view(model, site)
 
 
 def freeze_before(model: nn.Module, first_trained: str, example: Any) -> list[str]:
@@ -305,7 +339,7 @@ def activation_candidates(x: Tensor, grad_out: Tensor, thresholds: Sequence[floa
         g_tilde = weight_grad_from_compressed(core, factors, grad_out)
         error = float(torch.linalg.vector_norm(g_tilde - g)) / g_norm if g_norm > 0 else 0.0
         out.append(Candidate(compressed_bytes(core, factors), error, None,
-                             f"{label_prefix}eps={eps:g} ranks={list(ranks)}"))
+                             f"{label_prefix}threshold={eps:g} ranks={list(ranks)}"))
     return out
 
 
@@ -393,15 +427,19 @@ def plan_activation_ranks(layers: Sequence[LayerCandidates], budget_bytes: int, 
 # Back to inference modules
 
 
-def to_inference(model: nn.Module) -> nn.Module:
-    """Replace, in place, every WASILinear by its SubspaceLinear and every ASILinear and
-    CompactInputLinear by an nn.Linear holding the same tensors. Returns the model."""
+def to_inference(model: nn.Module, *, dense: bool = False) -> nn.Module:
+    """Replace, in place, every WASILinear by its SubspaceLinear (``dense=True``: an nn.Linear holding
+    W = L R) and every ASILinear and CompactInputLinear by an nn.Linear holding the same tensors. Each
+    new module keeps the marks of the one it replaces. Returns the model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, WASILinear):
-            model.set_submodule(name, m.to_subspace())
+            new = m.to_subspace()
+            new = new.to_linear() if dense else new
         elif isinstance(m, (ASILinear, CompactInputLinear)):
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            lin.weight = m.weight
-            lin.bias = m.bias
-            model.set_submodule(name, lin)
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            new.weight = m.weight
+            new.bias = m.bias
+        else:
+            continue
+        model.set_submodule(name, copy_marks(m, new))
     return model

@@ -1,5 +1,9 @@
 """Shared fixtures. `import wasi_compress` comes first: it installs the torchvision import shim that timm
-needs on the CPU build of torch, so it must run before anything imports timm."""
+needs on the CPU build of torch, so it must run before anything imports timm.
+
+Tests marked ``@pytest.mark.slow`` (more than about a second: a whole job, a subprocess, a base-width
+model, an ONNX export) are left out of ``make test-fast`` (``pytest -m "not slow"``, under 30 s);
+``make test`` runs them all."""
 
 import wasi_compress  # noqa: F401  (first: before timm)
 
@@ -16,9 +20,10 @@ ROOT = TESTS_DIR.parent
 
 @pytest.fixture
 def vit_models(monkeypatch):
-    """The hand-written ViTs of tests/vit_models.py, importable as ``vit_models`` so that MODEL arguments
-    such as ``vit_models:functional_head_vit`` resolve (pytest runs with --import-mode=importlib, which
-    does not put the tests folder on sys.path)."""
+    """The test models of tests/vit_models.py (every one is listed, with what to expect of it, in
+    tests/models.py), importable as ``vit_models`` so that MODEL arguments such as
+    ``vit_models:functional_head_vit`` and ``convert_models:hand_vit`` resolve (pytest runs with
+    --import-mode=importlib, which does not put the tests folder on sys.path)."""
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     import vit_models
 

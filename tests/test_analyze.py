@@ -21,7 +21,7 @@ F32 = 4
 LAYER_KEYS = {"name", "role", "kind", "in_features", "out_features", "params", "weight_bytes", "activation_shape",
               "activation_bytes", "ranks", "break_even_rank", "param_fraction", "flops", "singular_values"}
 TOP_KEYS = {"schema", "model", "capture", "capture_note", "batch_size", "input_shape", "dtype", "thresholds", "layers",
-            "totals", "skipped", "notes", "sources"}
+            "totals", "skipped", "notes", "sources", "source_kinds"}
 TRAIN_MEMORY_KEYS = {"params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "total_bytes", "sources"}
 
 

@@ -12,20 +12,25 @@ from torch import fx, nn
 
 from wasi_compress.passes.capture import capture, register_linear_type, role_of, trace
 
-# (timm name, small-size kwargs, linears expected): depth 2 where timm allows it; Swin needs an image of
-# window x patch x 2 (two stages) and keeps its shifted-window blocks with depths (2, 2).
-TIMM_MODELS = [
-    ("vit_tiny_patch16_224", dict(img_size=32, depth=2), 9),
-    ("vit_small_patch16_224", dict(img_size=32, depth=2), 9),
-    ("vit_base_patch16_224", dict(img_size=32, depth=2), 9),
-    ("vit_base_patch32_224", dict(img_size=64, depth=2), 9),
-    ("deit_tiny_patch16_224", dict(img_size=32, depth=2), 9),
-    ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=2), 10),  # head and head_dist
-    ("deit3_small_patch16_224", dict(img_size=32, depth=2), 9),
-    ("swin_tiny_patch4_window7_224", dict(img_size=56, depths=(2, 2), num_heads=(2, 4), embed_dim=32), 18),
-    ("beit_base_patch16_224", dict(img_size=32, depth=2), 9),  # qkv is F.linear with a computed q/v bias
-    ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, num_classes=10), 9),  # EVA: rope, SwiGLU, F.linear qkv
-]
+# (timm name, small-size kwargs, linears expected): the timm entries of the one list of test models
+# (tests/models.py); depth 2 where timm allows it, Swin at window x patch x 2 for two stages.
+def _registry():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "wasi_compress_test_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "models.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+TIMM_MODELS = [(m.model.partition(":")[2], m.timm_kwargs, m.linears) for m in _registry().TIMM_MODELS]
+# base widths (768) cost a third of a second each: in the full suite only
+TIMM_PARAMS = [pytest.param(*m, id=m[0], marks=[pytest.mark.slow] if "_base_" in m[0] else []) for m in TIMM_MODELS]
 
 
 def _linear_module_names(model: nn.Module) -> set[str]:
@@ -71,7 +76,7 @@ def _check_complete(cap, model: nn.Module) -> None:
 # timm
 
 
-@pytest.mark.parametrize("name,kwargs,n_linears", TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS])
+@pytest.mark.parametrize("name,kwargs,n_linears", TIMM_PARAMS)
 def test_timm_trace_equals_eager(name, kwargs, n_linears):
     import timm
 

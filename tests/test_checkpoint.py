@@ -198,10 +198,13 @@ def test_builtin_checkpoint_restores_from_the_bare_architecture(tmp_path, monkey
     def no_weights():
         raise AssertionError("restore must build the architecture, not load the shipped weights")
 
-    from wasi_compress.builtin import BUILTIN_MODELS
+    import dataclasses
+
+    from wasi_compress import architectures
 
     monkeypatch.setattr(mnist_vit, "pretrained", no_weights)
-    monkeypatch.setitem(BUILTIN_MODELS, "mnist-vit", no_weights)
+    entry = architectures.builtin_architectures()["mnist-vit"]
+    monkeypatch.setitem(architectures._REGISTRY, "mnist-vit", dataclasses.replace(entry, pretrained=no_weights))
     _forbid_decompositions(monkeypatch)
     model = wasi_compress.load(out)
     x = torch.randn(2, 1, 28, 28)

@@ -118,6 +118,7 @@ def test_infeasible_budget_names_the_smallest_feasible(vit, tmp_path):
     assert info.value.smallest_feasible_bytes == smallest
 
 
+@pytest.mark.slow  # the command end to end
 def test_cli_convert_fits_the_budget_and_exports_matching_onnx(vit, tmp_path):
     out, onnx_path, js = tmp_path / "vit.safetensors", tmp_path / "vit.onnx", tmp_path / "r.json"
     budget = 1_800_000
@@ -154,6 +155,7 @@ def test_cli_convert_fits_the_budget_and_exports_matching_onnx(vit, tmp_path):
     assert _files(tmp_path) == ["r.json", "vit.onnx", "vit.safetensors"]
 
 
+@pytest.mark.slow  # the command end to end
 def test_same_inputs_and_seed_give_identical_bytes(tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for out in (a, b):
@@ -190,12 +192,12 @@ def test_dtype_rank_multiple_and_greedy(vit):
 
 
 def test_failure_after_planning_leaves_nothing(vit, tmp_path, monkeypatch):
-    import wasi_compress.convert as conv
+    import wasi_compress.convert.job as job
 
     def boom(*args, **kwargs):
         raise RuntimeError("forced failure after planning")
 
-    monkeypatch.setattr(conv, "_merge_structure", boom)
+    monkeypatch.setattr(job, "merge_structure", boom)
     config = ConvertConfig(budget="1.5MB", output=str(tmp_path / "o.safetensors"), onnx=str(tmp_path / "o.onnx"),
                            json=str(tmp_path / "o.json"))
     with pytest.raises(RuntimeError, match="forced"):
@@ -203,6 +205,7 @@ def test_failure_after_planning_leaves_nothing(vit, tmp_path, monkeypatch):
     assert _files(tmp_path) == []
 
 
+@pytest.mark.slow  # an ONNX export and the command
 def test_onnx_parity_failure_writes_nothing(vit, tmp_path, monkeypatch):
     import onnxruntime as ort
 
@@ -226,6 +229,7 @@ def test_onnx_parity_failure_writes_nothing(vit, tmp_path, monkeypatch):
     assert _files(tmp_path) == []
 
 
+@pytest.mark.slow  # an ONNX export
 def test_failure_while_writing_removes_what_was_written(vit, tmp_path, monkeypatch):
     import wasi_compress.fileio as fileio
 
@@ -240,10 +244,11 @@ def test_failure_while_writing_removes_what_was_written(vit, tmp_path, monkeypat
     assert _files(tmp_path) == []
 
 
+@pytest.mark.slow  # an ONNX export
 def test_large_models_keep_onnx_weights_beside_the_file(vit, tmp_path, monkeypatch):
-    import wasi_compress.convert as conv
+    import wasi_compress.onnx_export as onnx_export
 
-    monkeypatch.setattr(conv, "ONNX_EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(onnx_export, "ONNX_EXTERNAL_DATA_BYTES", 1000)
     result = convert(vit, ConvertConfig(budget="1.5MB", onnx=str(tmp_path / "m.onnx")))
     assert _files(tmp_path) == ["m.onnx", "m.onnx.data"]
     assert result.report["onnx"]["max_abs_diff"] <= 1e-4
@@ -254,6 +259,7 @@ def test_large_models_keep_onnx_weights_beside_the_file(vit, tmp_path, monkeypat
 # objectives
 
 
+@pytest.mark.slow  # two calibrated conversions
 def test_data_objective_beats_weight_objective_on_output_error():
     from wasi_compress.data import load_images, normalize
 

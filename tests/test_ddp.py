@@ -14,7 +14,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # two processes, a fine-tuning run each
 
 WORKER = textwrap.dedent('''
     import sys
@@ -35,7 +38,8 @@ WORKER = textwrap.dedent('''
     result = finetune(config)
     state = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
     torch.save({"state": state, "accuracy": result.doc["final"]["accuracy"]}, f"{folder}/rank{rank}.pt")
-    dist.destroy_process_group()
+    # finetune() created the process group and tore it down itself: nothing is left to destroy here
+    assert not dist.is_initialized()
 ''')
 
 
@@ -62,5 +66,5 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, vit_models):
     # it trained: the head moved away from its initial weights
     assert not torch.equal(r0["state"]["head.weight"], vit_models.tiny_timm_vit().head.weight)
     doc = json.loads((tmp_path / "ddp.json").read_text())
-    assert doc["world_size"] == 2 and doc["update"] == "factored" and doc["memory"]["peak_bytes"] > 0
+    assert doc["world_size"] == 2 and doc["update"] == "optimizer-step" and doc["memory"]["peak_bytes"] > 0
     assert (tmp_path / "ddp.safetensors").exists()

@@ -52,14 +52,39 @@ def test_config_round_trips_and_validates():
     assert FinetuneConfig.from_json(cfg.to_json()) == cfg
     assert cfg.activation_budget_bytes == 2_000_000
     assert cfg.effective_lr == 0.05 and FinetuneConfig(model="m:f", data="digits", optimizer="adamw").effective_lr == 3e-4
-    for bad in ({"method": "lora"}, {"update": "adam"}, {"threshold": 0.0}, {"threshold": 1.5}, {"epochs": -1},
-                {"batch_size": 0}, {"lr": -1.0}, {"optimizer": "rmsprop"}, {"finetune_last": 0},
-                {"activation_budget": "lots"}, {"resume": True}, {"output": "out.pt"},
-                {"method": "vanilla", "activation_budget": "1MB"}):
-        with pytest.raises(UserError):
-            FinetuneConfig(model="builtin:mnist-vit", data="digits", **bad)
     with pytest.raises(UserError, match="unknown"):
         FinetuneConfig.from_dict({"model": "m:f", "data": "digits", "colour": "red"})
+
+
+# each bad setting is refused with its own message (naming the setting, the bad value, what is allowed)
+BAD_SETTINGS = [
+    ({"method": "lora"}, r"method must be one of wasi, asi, vanilla, got 'lora'"),
+    ({"update": "adam"}, r"update must be one of .*subspace-iteration.*, got 'adam'"),
+    ({"threshold": 0.0}, r"threshold must be in \(0, 1\], got 0\.0"),
+    ({"threshold": 1.5}, r"threshold must be in \(0, 1\], got 1\.5"),
+    ({"activation_threshold": 2}, r"activation.threshold must be in \(0, 1\], got 2"),
+    ({"epochs": -1}, r"epochs must be an integer >= 0, got -1"),
+    ({"batch_size": 0}, r"batch.size must be an integer >= 1, got 0"),
+    ({"lr": -1.0}, r"lr must be a positive number, got -1\.0"),
+    ({"weight_decay": -1}, r"weight.decay must be a number >= 0, got -1"),
+    ({"optimizer": "rmsprop"}, r"optimizer must be one of sgd, adamw, got 'rmsprop'"),
+    ({"schedule": "step"}, r"schedule must be one of cosine, constant, got 'step'"),
+    ({"momentum": 0.9, "optimizer": "adamw"}, r"momentum applies to .*sgd only"),
+    ({"finetune_last": 0}, r"finetune.last must be a positive integer, got 0"),
+    ({"activation_budget": "lots"}, r"activation.budget.*cannot read 'lots'"),
+    ({"resume": True}, r"resume needs -o"),
+    ({"output": "out.pt"}, r"out\.pt.*must have the \.safetensors suffix"),
+    ({"method": "vanilla", "activation_budget": "1MB"}, r"activation.budget needs .*wasi or asi"),
+    ({"step_in_backward": "yes"}, r"step.in.backward must be true or false, got 'yes'"),
+    ({"data": ""}, r"data is empty"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_SETTINGS, ids=[",".join(b) for b, _ in BAD_SETTINGS])
+def test_config_refuses_each_bad_setting_with_its_message(bad, message):
+    kwargs = {"model": "builtin:mnist-vit", "data": "digits", **bad}
+    with pytest.raises(UserError, match=message):
+        FinetuneConfig(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------- the pass
@@ -73,11 +98,15 @@ def test_block_names():
 
 
 @pytest.mark.parametrize("method,update", [("wasi", "subspace-iteration"), ("wasi", "factored"), ("asi", None), ("vanilla", None)])
-def test_pass_replaces_block_linears_and_keeps_the_head_dense(method, update):
+def test_pass_replaces_block_linears_keeps_the_head_dense_and_trains(method, update):
+    """The pass puts the method's module on every block linear and a dense (compact-input) head; a few
+    optimizer steps on a fixed batch then lower the loss, every trainable tensor gets a finite gradient
+    and moves (subspace iteration: its L, R buffers, inside backward), and to_inference computes what
+    the trained model computes."""
     model = _tiny()
-    x, _ = _batch(4)
+    x, y = _batch(16)
     cap = capture(model, x)
-    kwargs = {"update": update, "lr": 0.1} if update == "subspace-iteration" else ({"update": update} if update else {})
+    kwargs = {"update": update, "lr": 0.05} if update == "subspace-iteration" else ({"update": update} if update else {})
     p = TrainingPass(cap, method=method, threshold=0.8, activation_threshold=0.8, **kwargs)
     model = p(model).graph_module
     assert type(model.head) is (nn.Linear if method == "vanilla" else CompactInputLinear)
@@ -86,11 +115,37 @@ def test_pass_replaces_block_linears_and_keeps_the_head_dense(method, update):
     assert kinds == {expected}
     if update == "subspace-iteration":
         assert "L" in dict(model.blocks[0].attn.qkv.named_buffers())
-    model.train()
-    out = model(x)
-    out.sum().backward()
+
+    trainable = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    if update == "subspace-iteration":  # L, R are buffers updated by the layer itself, not parameters
+        assert not any(n.endswith((".L", ".R")) for n in trainable)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(trainable.values(), lr=0.05)
+    losses = []
+    for step in range(5):
+        model.train()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if step == 0:
+            for n, q in trainable.items():
+                assert q.grad is not None and torch.isfinite(q.grad).all(), n
+            assert trainable["head.weight"].grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert set(trainable) <= moved, set(trainable) - moved
+    assert all(torch.isfinite(after[k]).all() for k in moved)
+    if update == "subspace-iteration":
+        assert {"blocks.0.attn.qkv.L", "blocks.0.attn.qkv.R", "blocks.1.mlp.fc2.L"} <= moved
+    with torch.no_grad():
+        trained = model.eval()(x)
     to_inference(model)
     assert not any(isinstance(m, (WASILinear, ASILinear, CompactInputLinear)) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), trained, rtol=1e-4, atol=1e-5)
 
 
 def test_finetune_last_freezes_the_prefix_and_saves_nothing_there():
@@ -218,6 +273,7 @@ def _interrupt(epoch, record):
     raise _Interrupt
 
 
+@pytest.mark.slow  # a fine-tuning run end to end
 @pytest.mark.parametrize("update,optimizer,budget,schedule,in_backward", [("subspace-iteration", "sgd", "120KB", "cosine", False),
                                                                           ("factored", "adamw", None, "constant", False),
                                                                           ("factored", "sgd", None, "cosine", True)])
@@ -241,6 +297,7 @@ def test_resume_matches_an_uninterrupted_run(spec, tmp_path, update, optimizer, 
         finetune(FinetuneConfig(epochs=2, output=out, resume=True, **{**kw, "seed": 4}))
 
 
+@pytest.mark.slow  # a fine-tuning run end to end
 def test_resume_state_from_before_a_new_setting_still_resumes(spec, tmp_path):
     """A resume state written before a setting existed (here step_in_backward) counts it at its default."""
     out = str(tmp_path / "a.safetensors")
@@ -284,6 +341,7 @@ def test_grad_core_path_equals_the_direct_path(monkeypatch):
             torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow  # a fine-tuning run end to end
 def test_command_end_to_end(spec, tmp_path):
     from click.testing import CliRunner
 
@@ -313,6 +371,7 @@ def test_command_end_to_end(spec, tmp_path):
     assert result.exit_code == 2 and "smallest feasible budget" in result.output
 
 
+@pytest.mark.slow  # a fine-tuning run end to end
 def test_adapted_images_and_classifier_reset(spec, tmp_path):
     from PIL import Image
 
@@ -346,6 +405,7 @@ def test_subspace_iteration_is_refused_under_ddp(monkeypatch):
         finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits", update="factored", step_in_backward=True))
 
 
+@pytest.mark.slow  # a fine-tuning run end to end
 def test_step_in_backward_trains_like_an_ordinary_step_and_holds_no_gradients(spec):
     """The same run with each optimizer step inside backward gives the same weights, and its measured step
     keeps no gradient tensors (the vanilla baseline is still measured with an ordinary step)."""

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from wasi_compress.errors import UserError
-from wasi_compress.loading import load_model, read_state_dict, resolve_device
+from wasi_compress.loading import load_model, resolve_device
+from wasi_compress.weights import read_state_dict
 
 FACTORY = "vit_models:functional_head_vit"
 
@@ -340,7 +341,7 @@ def test_unreadable_file_simulated(vit_models, tmp_path, monkeypatch, cli, asser
     """The same check where the tests run as root: opening the file fails with EACCES."""
     import errno
 
-    from wasi_compress import loading
+    from wasi_compress import weights
 
     path = tmp_path / "locked.pt"
     torch.save(vit_models.functional_head_vit().state_dict(), path)
@@ -348,7 +349,7 @@ def test_unreadable_file_simulated(vit_models, tmp_path, monkeypatch, cli, asser
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(loading, "open", refuse, raising=False)  # shadows the builtin inside loading only
+    monkeypatch.setattr(weights, "open", refuse, raising=False)  # shadows the builtin inside weights.py only
     with pytest.raises(UserError, match="cannot read .Permission denied."):
         load_model(str(path), arch=FACTORY)
     assert_one_line_error(cli("analyze", path, "--arch", FACTORY), "cannot read")
@@ -416,6 +417,7 @@ def test_builtin_mnist_vit_weights_are_safetensors_with_provenance():
     assert prov["split"]["test"] == 1000 and prov["split"]["train"] == 4000
 
 
+@pytest.mark.slow  # the whole MNIST test set through the builtin model
 def test_builtin_mnist_vit_accuracy_matches_provenance(mnist_vit, mnist_test):
     from wasi_compress.builtin import mnist_vit as builtin
     from wasi_compress.data import normalize
@@ -434,6 +436,7 @@ def test_builtin_refuses_img_size():
         load_model("builtin:mnist-vit", img_size=32)
 
 
+@pytest.mark.slow  # reads the MNIST test split
 def test_mnist_test_split_is_stratified(mnist_test):
     assert mnist_test.images.shape == (1000, 1, 28, 28)
     assert 0.0 <= float(mnist_test.images.min()) <= float(mnist_test.images.max()) <= 1.0
@@ -469,3 +472,47 @@ def test_device_errors_are_one_line_in_the_python_api_too():
         finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits", device="cuda"))
     with pytest.raises(UserError, match="CUDA is not available"):
         convert(load_model("builtin:mnist-vit"), ConvertConfig(budget="5MB", device="cuda"))
+
+
+# --------------------------------------------------------------------------------------------------
+# architecture references (wasi_compress.architectures): one decision, one registry
+
+
+def test_is_architecture_is_the_one_decision(tmp_path, monkeypatch):
+    from wasi_compress.architectures import is_architecture
+
+    assert is_architecture("timm:vit_tiny_patch16_224") and is_architecture(" builtin:mnist-vit ")
+    assert is_architecture("pkg.mod:factory")
+    assert not is_architecture("model.safetensors") and not is_architecture(str(tmp_path / "m.pt"))
+    odd = tmp_path / "run:3.pt"  # an existing file with a colon in its name is a file
+    odd.write_bytes(b"x")
+    assert not is_architecture(str(odd))
+
+
+def test_checkpoint_source_records_the_architecture_and_options():
+    from wasi_compress.architectures import checkpoint_source
+
+    assert checkpoint_source("timm:vit_tiny_patch16_224", num_classes=5, img_size=64) == {
+        "arch": "timm:vit_tiny_patch16_224", "num_classes": 5, "img_size": 64}
+    assert checkpoint_source("w.pt", arch=FACTORY) == {"arch": FACTORY, "num_classes": None, "img_size": None}
+    assert checkpoint_source("w.pt") is None  # a pickled module names no architecture
+    own = {"source": {"arch": "builtin:mnist-vit", "num_classes": 10, "img_size": None}}
+    assert checkpoint_source("c.safetensors", metadata=own) == own["source"]
+    assert checkpoint_source("c.safetensors", metadata=own, num_classes=3)["num_classes"] == 3
+    assert own["source"]["num_classes"] == 10  # the metadata is not changed
+
+
+def test_register_architecture_adds_a_builtin_name(monkeypatch):
+    from wasi_compress import architectures
+
+    monkeypatch.setattr(architectures, "_REGISTRY", dict(architectures.builtin_architectures()))
+
+    @architectures.register_architecture("tiny-mlp", pretrained=lambda: nn.Linear(4, 2))
+    def tiny(num_classes: int = 2):
+        return nn.Linear(4, num_classes)
+
+    assert isinstance(load_model("builtin:tiny-mlp").model, nn.Linear)
+    bare = architectures.build_architecture("builtin:tiny-mlp", num_classes=3, pretrained=False)
+    assert bare.out_features == 3
+    with pytest.raises(UserError, match="unknown builtin model 'nope'; available: mnist-vit, tiny-mlp"):
+        load_model("builtin:nope")

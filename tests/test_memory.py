@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi_compress.flops import count_flops
-from wasi_compress.memory import measure_saved_activations, tensor_bytes, train_memory
+from wasi_compress.measure import SavedActivationMeter, measure_saved_activations, storage_bytes, train_memory
 
 F32 = 4  # bytes per float32 element
 
@@ -200,8 +200,8 @@ def test_frozen_parameters_have_no_gradient_or_optimizer_state():
 
 def test_tied_and_viewed_tensors_count_once():
     w = torch.randn(4, 6)
-    assert tensor_bytes([w, w, w.t(), w[1:]]) == 4 * 6 * F32
-    assert tensor_bytes([w, torch.randn(2, dtype=torch.float64)]) == 96 + 16
+    assert storage_bytes([w, w, w.t(), w[1:]]) == 4 * 6 * F32
+    assert storage_bytes([w, torch.randn(2, dtype=torch.float64)]) == 96 + 16
     shared = nn.Linear(6, 4)
     tied = nn.Linear(6, 4)
     tied.weight = shared.weight
@@ -211,7 +211,7 @@ def test_tied_and_viewed_tensors_count_once():
 
 def test_half_precision_bytes():
     w = torch.zeros(10, 10, dtype=torch.float16)
-    assert tensor_bytes([w]) == 200
+    assert storage_bytes([w]) == 200
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,3 +251,83 @@ def test_hand_written_vit_flops_by_hand(vit_models):
     norms = (2 * vit_models.DEPTH + 1) * b * tokens * dim * 5
     flops = count_flops(model, torch.randn(b, 3, 32, 32))
     assert flops["total"] == linear + conv + attention + norms
+
+
+# --------------------------------------------------------------------------------------------------
+# one meter: per module (innermost watched module) and per linear (by F.linear weight) on the same step
+
+
+def test_one_meter_gives_per_module_and_per_linear_figures_by_hand():
+    """The figures the two former meters gave on Linear(8,16) -> ReLU -> Linear(16,4) at batch 3: per
+    watched module (fc1 saves x, 96 B; fc2 saves the ReLU output, 192 B, which is ReLU's own saved output
+    too: counted once, under fc2, the first watched module that saved it) and per linear by weight."""
+    model = _mlp(nn.ReLU())
+    x = torch.randn(3, 8)
+    watch = {"fc1": model[0], "fc2": model[2]}
+    with SavedActivationMeter(model, watch, linear_weights=_weights(model)) as meter:
+        out = model(x)
+    out.square().mean().backward()
+    assert meter.total_bytes == 288
+    assert meter.per_module == {"fc1": 96, "fc2": 192}
+    assert meter.per_linear == {"0": 96, "2": 192} and meter.linear_input_bytes == 288
+    model.zero_grad(set_to_none=True)
+    saved = measure_saved_activations(model, x, linear_weights=_weights(model))
+    assert (saved.total_bytes, saved.linear_input_bytes, saved.per_linear) == (288, 288, {"0": 96, "2": 192})
+
+
+def test_meter_attributes_to_the_innermost_watched_module():
+    model = _mlp(nn.GELU())
+    watch = {"all": model, "fc1": model[0], "act": model[1]}
+    with SavedActivationMeter(model, watch) as meter:
+        model(torch.randn(3, 8))
+    # fc1 saves x (96); GELU saves its input, fc1's output (192); fc2's input (192) is saved in "all"
+    assert meter.per_module == {"all": 192, "fc1": 96, "act": 192}
+    assert meter.total_bytes == 480 and meter.per_linear == {}
+
+
+def test_meter_excludes_parameters_buffers_and_is_removed_on_exit():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with SavedActivationMeter(model, {"bn": model[1]}) as meter:
+        model(torch.randn(5, 4))
+    params = {(p.untyped_storage().data_ptr()) for p in [*model.parameters(), *model.buffers()]}
+    assert not any(key[0] in params for key in meter.saved)
+    before = meter.total_bytes
+    model(torch.randn(5, 4))  # hooks removed: nothing more is counted
+    assert meter.total_bytes == before and not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+
+
+def test_storage_bytes_skips_meta_and_non_tensors():
+    assert storage_bytes([torch.empty(10, device="meta"), "x", torch.zeros(2)]) == 2 * F32
+
+
+def test_former_names_are_shims_over_the_one_meter():
+    from wasi_compress import memory, peak_memory
+    from wasi_compress.measure import LiveTensorBytes, SavedBytes
+
+    assert peak_memory.SavedActivations is SavedActivationMeter and peak_memory.LiveTensorBytes is LiveTensorBytes
+    assert peak_memory.storage_bytes is storage_bytes and memory.tensor_bytes is storage_bytes
+    assert memory.SavedActivations is SavedBytes and memory.measure_saved_activations is measure_saved_activations
+
+
+# --------------------------------------------------------------------------------------------------
+# analyze/1: every figure's source kind is data (source_kinds), consistent with the prose of sources
+
+
+def test_analyze_document_records_source_kinds_beside_the_prose():
+    from wasi_compress.analysis import analyze
+    from wasi_compress.reports import AnalyzeReport, kind_of_prose
+
+    doc = analyze(_mlp(nn.ReLU()), input_size=(8,), batch_size=3, thresholds=(0.9,))
+    kinds, sources = doc["source_kinds"], doc["sources"]
+    assert set(kinds) - set(sources) == {f"{path}.{key}" for path in ("totals.train_memory", "totals.linear.train_memory")
+                                         for key in doc["totals"]["train_memory"]["sources"]}
+    for key, text in sources.items():  # the prose is unchanged; its first word agrees with the kind
+        assert kinds.get(key, "") == kind_of_prose(text), key
+    assert sources["totals.train_memory"] == "see train_memory.sources" and "totals.train_memory" not in kinds
+    for path, memory in (("totals.train_memory", doc["totals"]["train_memory"]),
+                         ("totals.linear.train_memory", doc["totals"]["linear"]["train_memory"])):
+        for key, text in memory["sources"].items():
+            assert kinds[f"{path}.{key}"] == kind_of_prose(text)
+    assert kinds["totals.train_memory.saved_activation_bytes"] == "measured"
+    assert kinds["totals.train_memory.total_bytes"] == "derived"
+    assert AnalyzeReport.from_dict(doc).to_dict() == doc  # round trip

@@ -51,12 +51,19 @@ def _check_plan(p: Plan, layers, budget):
     assert p.budget_bytes == budget
 
 
-settings_small = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _quick_and_thorough(**strategies):
+    """The property as two tests: a quick one (25 examples, in `make test-fast`) and a thorough one
+    (200 examples, marked slow, in `make test`)."""
+    def make(body):
+        common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        quick = settings(max_examples=25, **common)(given(**strategies)(body))
+        thorough = pytest.mark.slow(settings(max_examples=200, **common)(given(**strategies)(body)))
+        return quick, thorough
+
+    return make
 
 
-@settings_small
-@given(layers=instances(1000), budget=st.integers(-10, 5000))
-def test_dp_matches_brute_force_and_is_never_worse_than_greedy(layers, budget):
+def _dp_matches_brute_force_and_is_never_worse_than_greedy(layers, budget):
     floor = smallest_feasible_budget(layers)
     infeasible = _infeasible(plan_brute_force, layers, budget)
     assert infeasible == (floor > budget)
@@ -72,9 +79,12 @@ def test_dp_matches_brute_force_and_is_never_worse_than_greedy(layers, budget):
     assert dp.total_error <= greedy.total_error + 1e-9
 
 
-@settings_small
-@given(layers=instances(10**6), budget=st.integers(0, 3 * 10**6), max_grid=st.integers(1, 50))
-def test_coarse_grid_fits_in_bytes_and_loses_at_most_the_slack(layers, budget, max_grid):
+test_dp_matches_brute_force_and_is_never_worse_than_greedy, test_dp_matches_brute_force_thoroughly = \
+    _quick_and_thorough(layers=instances(1000), budget=st.integers(-10, 5000))(
+        _dp_matches_brute_force_and_is_never_worse_than_greedy)
+
+
+def _coarse_grid_fits_in_bytes_and_loses_at_most_the_slack(layers, budget, max_grid):
     floor = smallest_feasible_budget(layers)
     if floor > budget:
         assert _infeasible(plan_dp, layers, budget, max_grid=max_grid)
@@ -89,9 +99,12 @@ def test_coarse_grid_fits_in_bytes_and_loses_at_most_the_slack(layers, budget, m
         assert dp.total_error <= plan_brute_force(layers, shrunk).total_error + 1e-9
 
 
-@settings_small
-@given(layers=instances(1000), extra=st.integers(0, 3000), res=st.integers(1, 300))
-def test_grid_dp_is_exact_on_its_grid(layers, extra, res):
+test_coarse_grid_fits_in_bytes_and_loses_at_most_the_slack, test_coarse_grid_thoroughly = _quick_and_thorough(
+    layers=instances(10**6), budget=st.integers(0, 3 * 10**6), max_grid=st.integers(1, 50))(
+        _coarse_grid_fits_in_bytes_and_loses_at_most_the_slack)
+
+
+def _grid_dp_is_exact_on_its_grid(layers, extra, res):
     """The core claim behind max_slack_bytes, checked without the polishing plan_dp adds on top:
     the grid DP finds the least error among plans whose rounded-up cells fit the capacity."""
     fronts = [_pareto_front(layer, extra) for layer in layers]
@@ -108,6 +121,10 @@ def test_grid_dp_is_exact_on_its_grid(layers, extra, res):
     assert cells(got) <= cap
     every = itertools.product(*(range(len(layer.candidates)) for layer in layers))
     assert error(got) == pytest.approx(min(error(c) for c in every if cells(c) <= cap), abs=1e-9)
+
+
+test_grid_dp_is_exact_on_its_grid, test_grid_dp_is_exact_thoroughly = _quick_and_thorough(
+    layers=instances(1000), extra=st.integers(0, 3000), res=st.integers(1, 300))(_grid_dp_is_exact_on_its_grid)
 
 
 def test_coarse_grid_with_gigabyte_costs():

@@ -138,3 +138,49 @@ def test_bad_input(tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message):
         write_report(tmp_path, **kwargs)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_badge_kind_comes_from_source_kinds_not_the_prose(tmp_path):
+    analyze = fixture("analyze")
+    memory = analyze["totals"]["train_memory"]
+    memory["sources"]["total_bytes"] = "measured: prose that says measured"
+    analyze["source_kinds"] = {"totals.train_memory.total_bytes": "derived",
+                               "totals.train_memory.saved_activation_bytes": "measured"}
+    text = write_report(tmp_path, analyze=analyze).read_text(encoding="utf-8")
+    assert "<span class='source derived' title='measured: prose that says measured'>" in text
+    assert "<span class='source measured' title='measured: prose that says measured'>" not in text
+
+
+def test_documents_without_source_kinds_fall_back_to_the_prose(tmp_path):
+    analyze = fixture("analyze")
+    analyze.pop("source_kinds", None)
+    analyze["totals"]["train_memory"]["sources"]["total_bytes"] = "measured: an old document's prose"
+    text = write_report(tmp_path, analyze=analyze).read_text(encoding="utf-8")
+    assert "<span class='source measured' title='measured: an old document&#x27;s prose'>" in text
+
+
+def test_a_figure_without_a_kind_in_source_kinds_is_not_classified_by_its_prose(tmp_path):
+    finetune = fixture("finetune")
+    finetune["sources"] = {**finetune.get("sources", {}), "final.accuracy": "measured: on held-out images"}
+    finetune["source_kinds"] = {}
+    text = write_report(tmp_path, finetune=finetune).read_text(encoding="utf-8")
+    assert "<span class='source other' title='measured: on held-out images'>" in text
+
+
+def test_report_documents_are_typed_and_validate_their_schema():
+    from wasi_compress.reports import (ANALYZE_SCHEMA, ConvertReport, FinetuneReport, Source, with_source_kinds)
+
+    doc = ConvertReport({"total_bytes": 10}, {"total_bytes": Source("derived", "sum of the weights")},
+                        {"accuracy.converted": "measured"}).to_dict()
+    assert doc == {"schema": "wasi-compress/convert/1", "total_bytes": 10,
+                   "sources": {"total_bytes": "derived: sum of the weights"},
+                   "source_kinds": {"total_bytes": "derived", "accuracy.converted": "measured"}}
+    assert ConvertReport.from_dict(doc).to_dict() == doc
+    with pytest.raises(UserError, match="expected a wasi-compress/finetune/1 document, got schema 'wasi-compress/convert/1'"):
+        FinetuneReport.from_dict(doc)
+    with pytest.raises(ValueError, match="Source.kind must be one of measured, derived, counted"):
+        Source("guessed", "by eye")
+    plain = {"schema": ANALYZE_SCHEMA, "sources": {"a": Source("counted", "by fvcore"), "b": "see elsewhere"}}
+    assert with_source_kinds(plain, {"c.d": "measured"}) == {
+        "schema": ANALYZE_SCHEMA, "sources": {"a": "counted: by fvcore", "b": "see elsewhere"},
+        "source_kinds": {"a": "counted", "c.d": "measured"}}

@@ -128,6 +128,7 @@ def test_fx_traceable():
     assert len(linear_calls) == 2
 
 
+@pytest.mark.slow  # the first ONNX export of a session pays for importing the exporter
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_onnx_export_is_two_matmuls():
     import io

@@ -6,11 +6,18 @@ folder is put on sys.path by conftest.py).
 - ``mha_vit``: blocks built on nn.MultiheadAttention, whose projections are hidden until rewritten;
 - ``untraceable_vit``: data-dependent control flow (``if x.sum() > 0``) that torch.fx cannot trace, so
   capture must fall back to forward hooks;
+- ``hand_vit``: nn.MultiheadAttention blocks AND a functional head at 16 px (module, rewritten-attention
+  and functional sites in one model; the checkpoint tests use it as ``convert_models:hand_vit``);
 - ``tiny_timm_vit``: timm's own VisionTransformer at 8x8 px, one channel (the fine-tuning tests: digits
-  images fit it without resizing).
+  images fit it without resizing);
+- ``tiny_vit``: timm ``vit_tiny_patch16_224`` at 32 px, 2 blocks of width 192 (the convert tests' model);
+- ``tiny_swin``: timm Swin at 32 px, one block per stage (windows, patch merging);
+- ``structured_mlp``: an MLP on 1x8x8 images with decaying weight spectra (budget/objective tests).
 
-Every factory accepts ``num_classes`` and ``img_size`` and is tiny (dim 32, depth 2, 17 tokens at 32 px)
-so a test runs in well under a second."""
+This is the one file that defines the test models; tests/convert_models.py re-exports the convert
+tests' names, and tests/models.py lists them all (TEST_MODELS) with what a generic test may expect of
+each. Every factory is seeded without touching the caller's generator and is tiny (a test on it runs in
+about a second)."""
 
 from __future__ import annotations
 
@@ -137,22 +144,66 @@ class UntraceableViT(_ViTBase):
         return self.head(self.features(x))
 
 
-def functional_head_vit(num_classes: int = 10, img_size: int = 32) -> nn.Module:
-    with torch.random.fork_rng():  # seeded weights without touching the caller's generator
+class HandViT(_ViTBase):
+    """nn.MultiheadAttention blocks and a functional head (F.linear on raw parameters): capture sees
+    module sites, the projections of the rewritten attention and a functional site."""
+
+    def __init__(self, *, num_classes: int, img_size: int):
+        super().__init__(MHABlock, num_classes=num_classes, img_size=img_size)
+        self.default_input_size = (3, img_size, img_size)
+        self.head_weight = nn.Parameter(torch.randn(num_classes, DIM) * DIM ** -0.5)
+        self.head_bias = nn.Parameter(torch.randn(num_classes) * 0.1)
+
+    def forward(self, x):
+        return F.linear(self.features(x), self.head_weight, self.head_bias)
+
+
+class StructuredMLP(nn.Module):
+    """An MLP on 1x8x8 images whose weights have decaying spectra (like trained layers)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.default_input_size = (1, 8, 8)
+        self.num_classes = num_classes
+        self.fc1 = nn.Linear(64, 96)
+        self.fc2 = nn.Linear(96, 96)
+        self.head = nn.Linear(96, num_classes)
+        with torch.no_grad():
+            for lin in (self.fc1, self.fc2):
+                u, _, vh = torch.linalg.svd(torch.randn(lin.out_features, lin.in_features), full_matrices=False)
+                s = torch.logspace(0, -2, u.shape[1])
+                lin.weight.copy_(u @ torch.diag(s) @ vh)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+def _seeded(build):
+    """Seeded weights (seed 0) without touching the caller's generator."""
+    with torch.random.fork_rng():
         torch.manual_seed(0)
-        return FunctionalHeadViT(num_classes=num_classes, img_size=img_size)
+        return build()
+
+
+def functional_head_vit(num_classes: int = 10, img_size: int = 32) -> nn.Module:
+    return _seeded(lambda: FunctionalHeadViT(num_classes=num_classes, img_size=img_size))
 
 
 def mha_vit(num_classes: int = 10, img_size: int = 32) -> nn.Module:
-    with torch.random.fork_rng():  # seeded weights without touching the caller's generator
-        torch.manual_seed(0)
-        return MHAViT(num_classes=num_classes, img_size=img_size)
+    return _seeded(lambda: MHAViT(num_classes=num_classes, img_size=img_size))
 
 
 def untraceable_vit(num_classes: int = 10, img_size: int = 32) -> nn.Module:
-    with torch.random.fork_rng():  # seeded weights without touching the caller's generator
-        torch.manual_seed(0)
-        return UntraceableViT(num_classes=num_classes, img_size=img_size)
+    return _seeded(lambda: UntraceableViT(num_classes=num_classes, img_size=img_size))
+
+
+def hand_vit(num_classes: int = 10, img_size: int = 16) -> nn.Module:
+    return _seeded(lambda: HandViT(num_classes=num_classes, img_size=img_size))
+
+
+def structured_mlp(num_classes: int = 10) -> nn.Module:
+    return _seeded(lambda: StructuredMLP(num_classes))
 
 
 # linears per model at DEPTH blocks: qkv, proj, fc1, fc2 per block (q, k, v, out_proj, fc1, fc2 with MHA)
@@ -160,6 +211,7 @@ EXPECTED_LINEARS = {
     "functional_head_vit": DEPTH * 4 + 1,
     "mha_vit": DEPTH * 6 + 1,
     "untraceable_vit": DEPTH * 4 + 1,
+    "hand_vit": DEPTH * 6 + 1,
 }
 
 
@@ -167,12 +219,27 @@ def not_a_module(num_classes: int = 10, img_size: int = 32):
     return "not a module"
 
 
-def tiny_timm_vit(num_classes: int = 10, img_size: int | None = None) -> nn.Module:
-    from wasi_compress import _compat  # noqa: F401  (before timm)
-    from timm.models.vision_transformer import VisionTransformer
+def _timm(name: str, **kwargs) -> nn.Module:
+    import wasi_compress  # noqa: F401  (installs the torchvision shim timm needs: before timm)
+    import timm
 
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=32, depth=2,
-                              num_heads=2)
+    return _seeded(lambda: timm.create_model(name, pretrained=False, **kwargs))
+
+
+def tiny_timm_vit(num_classes: int = 10, img_size: int | None = None) -> nn.Module:
+    """timm's VisionTransformer, dim 32, 2 blocks, 1x8x8 inputs (digits without resizing)."""
+    model = _timm("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=32,
+                  depth=2, num_heads=2)
     model.pretrained_cfg = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "num_classes": num_classes}
     return model
+
+
+def tiny_vit(num_classes: int = 10, img_size: int = 32) -> nn.Module:
+    """timm ViT, 2 blocks of width 192, patch 8: about 0.9 M parameters."""
+    return _timm("vit_tiny_patch16_224", depth=2, img_size=img_size, patch_size=8, num_classes=num_classes)
+
+
+def tiny_swin(num_classes: int = 10, img_size: int = 32) -> nn.Module:
+    """timm Swin, width 16, one block per stage, windows of 4: shifted windows and a patch merging."""
+    return _timm("swin_tiny_patch4_window7_224", img_size=img_size, window_size=4, depths=(1, 1), num_heads=(1, 2),
+                 embed_dim=16, patch_size=4, num_classes=num_classes)

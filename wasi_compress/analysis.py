@@ -12,19 +12,16 @@ import torch
 from torch import nn
 
 from wasi_compress.errors import UserError
+from wasi_compress.inputs import data_config, example_input
 from wasi_compress.loading import LoadedModel, load_model
-from wasi_compress.memory import measure_saved_activations, train_memory
+from wasi_compress.measure import measure_saved_activations, train_memory
+from wasi_compress.measure.train_memory import TRAIN_MEMORY_SOURCES
+from wasi_compress.reports import ANALYZE_SCHEMA, AnalyzeReport, Source
 from wasi_compress.spectrum import break_even_rank, ranks_for_thresholds, singular_values
 
-SCHEMA = "wasi-compress/analyze/1"
+SCHEMA = ANALYZE_SCHEMA  # kept for importers of analysis.SCHEMA
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
-
-
-def example_input(input_size: Sequence[int], batch_size: int, *, seed: int = 0, device: str = "cpu") -> torch.Tensor:
-    """A fixed random batch: shapes and memory depend only on its size, and a seed keeps runs identical."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, *input_size, generator=g).to(device)
 
 
 def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -73,13 +70,10 @@ def analyze(
     on_progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Analyze a model; returns an analyze/1 document."""
-    from wasi_compress.flops import CONVENTION, count_flops
     from wasi_compress.passes.capture import capture
 
     if isinstance(loaded, nn.Module):
-        from wasi_compress.loading import _data_config
-
-        size, mean, std = _data_config(loaded, None)
+        size, mean, std = data_config(loaded, None)
         loaded = LoadedModel(loaded, spec or type(loaded).__name__, size, mean, std, None)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -97,45 +91,17 @@ def analyze(
     layers = []
     for i, site in enumerate(cap.sites):
         report(i, total_steps, f"singular values of {site.name}")
-        s = site_singular_values(model, site)
-        ranks = ranks_for_thresholds(s, thresholds)
-        params = site_parameters(model, site)
-        n_params = sum(p.numel() for p in params)
-        dense = site.in_features * site.out_features
-        act_shape = list(site.input_shape) if site.input_shape else None
-        elem = torch.finfo(dtype).bits // 8
-        rows = math.prod(act_shape[:-1]) if act_shape else 0
-        layers.append({
-            "name": site.name, "role": site.role, "kind": site.kind,
-            "in_features": site.in_features, "out_features": site.out_features,
-            "params": n_params, "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-            "activation_shape": act_shape,
-            "activation_bytes": math.prod(act_shape) * elem if act_shape else None,
-            "ranks": {_key(t): k for t, k in ranks.items()},
-            "break_even_rank": break_even_rank(site.out_features, site.in_features),
-            "param_fraction": {_key(t): round(k * (site.in_features + site.out_features) / dense, 6) for t, k in ranks.items()},
-            "flops": rows * _effective_macs(model, site),
-            "singular_values": [round(float(v), 7) for v in s],
-        })
+        layers.append(_layer_entry(model, site, thresholds, dtype))
 
     report(len(cap.sites), total_steps, "FLOPs (fvcore)")
-    notes = []
-    try:
-        flops = count_flops(model, x)
-        total_flops = flops["total"]
-    except Exception as exc:  # torch.jit tracing inside fvcore fails on some models
-        total_flops = None
-        notes.append(f"fvcore could not count FLOPs ({type(exc).__name__}); totals.flops is null")
+    total_flops, notes = _count_flops(model, x)
 
     report(len(cap.sites) + 1, total_steps, "one training step (saved activations)")
     weights_of = {site.name: site_modules(model, site) for site in cap.sites}
     saved = measure_saved_activations(model, x, linear_weights=weights_of)
-    all_params = list(model.parameters())
-    linear_params = [p for site in cap.sites for p in site_parameters(model, site)]
     report(total_steps, total_steps, "done")
 
-    doc = {
-        "schema": SCHEMA,
+    body = {
         "model": loaded.spec,
         "capture": cap.method,
         "capture_note": cap.note,
@@ -144,30 +110,78 @@ def analyze(
         "dtype": str(dtype).replace("torch.", ""),
         "thresholds": list(thresholds),
         "layers": layers,
-        "totals": {
-            "params": sum(p.numel() for p in all_params),
-            "weight_bytes": sum(p.numel() * p.element_size() for p in all_params),
-            "flops": total_flops,
-            "flops_convention": CONVENTION,
-            "train_memory": train_memory(all_params, saved.total_bytes),
-            "linear": {
-                "params": sum(p.numel() for p in _unique(linear_params)),
-                "weight_bytes": sum(p.numel() * p.element_size() for p in _unique(linear_params)),
-                "flops": sum(layer["flops"] for layer in layers),
-                "train_memory": train_memory(_unique(linear_params), saved.linear_input_bytes),
-            },
-        },
+        "totals": _totals(model, cap.sites, layers, total_flops, saved),
         "skipped": cap.skipped,
         "notes": notes + loaded.metadata.get("notes", []),
-        "sources": {
-            "layers.ranks": "derived: explained variance of the weight's singular values (torch.linalg.svdvals)",
-            "layers.activation_bytes": "derived: product of the input shape recorded on the example batch x dtype size",
-            "layers.flops": "derived: rows x in x out multiply-adds (x rank (in + out) for factored layers), fvcore convention",
-            "totals.flops": "measured by fvcore on the example batch",
-            "totals.train_memory": "see train_memory.sources",
+    }
+    return AnalyzeReport(body, ANALYZE_SOURCES, _TRAIN_MEMORY_KINDS).to_dict()
+
+
+def _count_flops(model: nn.Module, x: torch.Tensor) -> tuple[int | None, list[str]]:
+    """fvcore's FLOPs of one forward pass, or None and a note saying why not."""
+    from wasi_compress.flops import count_flops  # looked up at call time (the benchmark wraps it)
+
+    try:
+        return count_flops(model, x)["total"], []
+    except Exception as exc:  # torch.jit tracing inside fvcore fails on some models
+        return None, [f"fvcore could not count FLOPs ({type(exc).__name__}); totals.flops is null"]
+
+
+def _layer_entry(model: nn.Module, site, thresholds: tuple[float, ...], dtype: torch.dtype) -> dict[str, Any]:
+    """One layer of the analyze/1 document."""
+    s = site_singular_values(model, site)
+    ranks = ranks_for_thresholds(s, thresholds)
+    params = site_parameters(model, site)
+    dense = site.in_features * site.out_features
+    act_shape = list(site.input_shape) if site.input_shape else None
+    elem = torch.finfo(dtype).bits // 8
+    rows = math.prod(act_shape[:-1]) if act_shape else 0
+    return {
+        "name": site.name, "role": site.role, "kind": site.kind,
+        "in_features": site.in_features, "out_features": site.out_features,
+        "params": sum(p.numel() for p in params), "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "activation_shape": act_shape,
+        "activation_bytes": math.prod(act_shape) * elem if act_shape else None,
+        "ranks": {_key(t): k for t, k in ranks.items()},
+        "break_even_rank": break_even_rank(site.out_features, site.in_features),
+        "param_fraction": {_key(t): round(k * (site.in_features + site.out_features) / dense, 6) for t, k in ranks.items()},
+        "flops": rows * _effective_macs(model, site),
+        "singular_values": [round(float(v), 7) for v in s],
+    }
+
+
+def _totals(model: nn.Module, sites, layers: list[dict], total_flops: int | None, saved) -> dict[str, Any]:
+    """The analyze/1 document's `totals`: whole model, and its linear layers alone."""
+    from wasi_compress.flops import CONVENTION
+
+    all_params = list(model.parameters())
+    linear_params = _unique([p for site in sites for p in site_parameters(model, site)])
+    return {
+        "params": sum(p.numel() for p in all_params),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in all_params),
+        "flops": total_flops,
+        "flops_convention": CONVENTION,
+        "train_memory": train_memory(all_params, saved.total_bytes),
+        "linear": {
+            "params": sum(p.numel() for p in linear_params),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in linear_params),
+            "flops": sum(layer["flops"] for layer in layers),
+            "train_memory": train_memory(linear_params, saved.linear_input_bytes),
         },
     }
-    return doc
+
+
+ANALYZE_SOURCES: dict[str, Source | str] = {
+    "layers.ranks": Source("derived", "explained variance of the weight's singular values (torch.linalg.svdvals)"),
+    "layers.activation_bytes": Source("derived", "product of the input shape recorded on the example batch x dtype size"),
+    "layers.flops": Source("derived", "rows x in x out multiply-adds (x rank (in + out) for factored layers), fvcore convention"),
+    "totals.flops": Source.worded("measured", "measured by fvcore on the example batch"),
+    "totals.train_memory": "see train_memory.sources",  # a pointer, not a figure: no kind
+}
+# the train_memory figures keep their prose beside them (train_memory.sources); their kinds go in the
+# document's source_kinds under the figures' dotted paths
+_TRAIN_MEMORY_KINDS = {f"{path}.{key}": source for path in ("totals.train_memory", "totals.linear.train_memory")
+                       for key, source in TRAIN_MEMORY_SOURCES.items()}
 
 
 def analyze_model(spec: str, batch_size: int = 8, **load_kwargs) -> dict[str, Any]:

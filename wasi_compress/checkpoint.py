@@ -33,13 +33,15 @@ import torch
 from torch import fx, nn
 
 from wasi_compress import _compat  # noqa: F401  (before timm)
+from wasi_compress.architectures import build_architecture, builtin_architectures
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
+from wasi_compress.inputs import data_config, example_input
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.passes.capture import LinearSite
+from wasi_compress.weights import METADATA_KEY, load_state_dict_strict, read_state_dict
 
 FORMAT = "wasi-compress/checkpoint/1"
-METADATA_KEY = "wasi_compress"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESERVED = ("format", "toolkit_version", "source", "structure", "dtype", "aliases", "explicit_attention")
 _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out_features")
@@ -149,8 +151,6 @@ def restore(path: str | os.PathLike, metadata: dict[str, Any], trust_pickle: boo
     checkpoints hold tensors only)."""
     from safetensors import safe_open
 
-    from wasi_compress.loading import load_state_dict_strict, read_state_dict
-
     where = str(path)
     fmt = metadata.get("format")
     if fmt != FORMAT:
@@ -191,20 +191,13 @@ def restore(path: str | os.PathLike, metadata: dict[str, Any], trust_pickle: boo
 
 def build_source(source: dict[str, Any], *, where: str = "checkpoint") -> nn.Module:
     """The source architecture, without loading weights where the source allows it (builtin models
-    have an untrained `architecture()`; timm models are created with pretrained=False)."""
-    from wasi_compress.loading import _build_architecture
-
+    have an untrained architecture; timm models are created with pretrained=False)."""
     arch, num_classes, img_size = source["arch"], source.get("num_classes"), source.get("img_size")
-    if arch.startswith("builtin:"):
-        from wasi_compress.builtin import mnist_vit
-
-        architectures = {"mnist-vit": mnist_vit.architecture}
-        name = arch[len("builtin:"):]
-        if name in architectures:
-            if img_size is not None:
-                raise UserError(f"{where}: {arch} has a fixed input size, but the checkpoint names img_size {img_size}")
-            return architectures[name](**({"num_classes": num_classes} if num_classes is not None else {}))
-    return _build_architecture(arch, num_classes=num_classes, img_size=img_size)
+    if arch.startswith("builtin:") and img_size is not None:
+        entry = builtin_architectures().get(arch[len("builtin:"):])
+        if entry is not None and entry.fixed_input_size:
+            raise UserError(f"{where}: {arch} has a fixed input size, but the checkpoint names img_size {img_size}")
+    return build_architecture(arch, num_classes=num_classes, img_size=img_size, pretrained=False)
 
 
 def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where: str = "checkpoint") -> nn.Module:
@@ -218,11 +211,9 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
     functional = [e for e in structure if e["kind"] == "functional"]
     target: nn.Module = model
     if functional:
-        from wasi_compress.analysis import example_input
-        from wasi_compress.loading import _data_config
         from wasi_compress.passes.capture import capture
 
-        size, _, _ = _data_config(model, None)
+        size, _, _ = data_config(model, None)
         cap = capture(model, example_input(size, 1), rewrite_attention=False)
         if cap.graph_module is None:
             raise UserError(f"{where}: names functional linear sites, but the source architecture cannot be traced "
@@ -269,9 +260,7 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
 def copy_model_attributes(model: nn.Module, graph_module: fx.GraphModule) -> None:
     """Give a GraphModule the input description of the model it was traced from (timm's pretrained_cfg
     with the real input size), so loaders and commands read the right input shape and normalisation."""
-    from wasi_compress.loading import _data_config
-
-    size, mean, std = _data_config(model, None)
+    size, mean, std = data_config(model, None)
     for attr in _MODEL_ATTRS:
         if hasattr(model, attr) and not hasattr(graph_module, attr):
             setattr(graph_module, attr, getattr(model, attr))

@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from wasi_compress.errors import UserError
+from wasi_compress.reports import ANALYZE_SCHEMA as ANALYZE  # the schema strings are defined in reports
+from wasi_compress.reports import CHECK_SCHEMA as CHECK
+from wasi_compress.reports import CONVERT_SCHEMA as CONVERT
+from wasi_compress.reports import FINETUNE_SCHEMA as FINETUNE
+from wasi_compress.reports import REPORT_SCHEMAS
 from wasi_compress.units import parse_bytes
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
-
-ANALYZE = "wasi-compress/analyze/1"
-CONVERT = "wasi-compress/convert/1"
-FINETUNE = "wasi-compress/finetune/1"
-CHECK = "wasi-compress/check/1"
-REPORT_SCHEMAS = (ANALYZE, CONVERT, FINETUNE)
 
 
 @dataclass(frozen=True)

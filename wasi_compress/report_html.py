@@ -27,7 +27,10 @@ from matplotlib.figure import Figure
 
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path, write_text_atomic
-from wasi_compress.gates import ANALYZE, CONVERT, FINETUNE
+from wasi_compress.reports import ANALYZE_SCHEMA as ANALYZE
+from wasi_compress.reports import CONVERT_SCHEMA as CONVERT
+from wasi_compress.reports import FINETUNE_SCHEMA as FINETUNE
+from wasi_compress.reports import KINDS, kind_of_prose
 from wasi_compress.units import format_bytes
 
 REPORT_NAME = "report.html"
@@ -63,7 +66,8 @@ class Row:
     report: str
     figure: str
     value: str
-    source: str = ""
+    source: str = ""  # the prose the report records
+    kind: str = ""    # measured, derived or counted: from the report's source_kinds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,23 +100,29 @@ def _percent_change(new: float, old: float) -> str:
     return f"{(new - old) / old * 100:+.1f}%" if old else ""
 
 
-def _source(document: dict, container: dict, key: str, dotted: str) -> str:
-    """What the report's `sources` says about one figure: first the `sources` beside the figure (as in
-    analyze's train_memory), then a document-level `sources` keyed by dotted path or bare key. A finetune
+def _source(document: dict, container: dict, key: str, dotted: str) -> tuple[str, str]:
+    """(prose, kind) the report records for one figure. The prose: first the `sources` beside the figure
+    (as in analyze's train_memory), then a document-level `sources` keyed by dotted path or bare key. The
+    kind is data: the `source_kinds` beside the figure or at document level (by dotted path, then bare key);
+    only a document written before `source_kinds` existed falls back to the prose's first word. A finetune
     memory figure the sources do not mention is measured: docs/schemas.md says they all are "except where
     `sources` says derived"."""
+    text = ""
     for sources, name in ((container.get("sources"), key), (document.get("sources"), dotted),
                           (document.get("sources"), key)):
         if isinstance(sources, dict) and isinstance(sources.get(name), str):
-            return sources[name]
+            text = sources[name]
+            break
+    for kinds, name in ((container.get("source_kinds"), key), (document.get("source_kinds"), dotted),
+                        (document.get("source_kinds"), key)):
+        if isinstance(kinds, dict) and kinds.get(name) in KINDS:
+            return text, kinds[name]
+    if text:
+        has_kinds = isinstance(document.get("source_kinds"), dict) or isinstance(container.get("source_kinds"), dict)
+        return text, "" if has_kinds else kind_of_prose(text)
     if document.get("schema") == FINETUNE and dotted.split(".")[0] in ("memory", "memory_vanilla"):
-        return "measured"
-    return ""
-
-
-def _source_kind(text: str) -> str:
-    word = text.split(":")[0].split()[0].lower() if text.strip() else ""
-    return word if word in ("measured", "derived") else ""
+        return "measured", "measured"
+    return "", ""
 
 
 def _memory_part(memory: dict, key: str) -> float:
@@ -277,7 +287,7 @@ def memory_figure(bars: list[tuple[str, dict]], document: dict, dotted: list[str
     bottom = np.zeros(len(bars))
     for key, label, colour in _MEMORY_PARTS:
         heights = np.array([_memory_part(m, key) for _, m in bars]) / scale
-        kinds = {_source_kind(_source(document, m, key, f"{path}.{key}")) for (_, m), path in zip(bars, dotted)}
+        kinds = {_source(document, m, key, f"{path}.{key}")[1] for (_, m), path in zip(bars, dotted)}
         if len(kinds) == 1 and "" not in kinds:
             label += f" ({kinds.pop()})"
         ax.bar(x, heights, 0.55, bottom=bottom, color=colour, label=label)
@@ -334,9 +344,9 @@ def _analyze_section(doc: dict, rows: list[Row]) -> Section:
         Row("analyze", "weights", format_bytes(totals["weight_bytes"])),
         Row("analyze", f"FLOPs, one forward pass at batch {batch}", _count(totals["flops"])),
         Row("analyze", f"training memory, one AdamW step at batch {batch}", format_bytes(memory["total_bytes"]),
-            _source(doc, memory, "total_bytes", "totals.train_memory.total_bytes")),
+            *_source(doc, memory, "total_bytes", "totals.train_memory.total_bytes")),
         Row("analyze", "saved activations", format_bytes(memory["saved_activation_bytes"]),
-            _source(doc, memory, "saved_activation_bytes", "totals.train_memory.saved_activation_bytes")),
+            *_source(doc, memory, "saved_activation_bytes", "totals.train_memory.saved_activation_bytes")),
         Row("analyze", "linear layers", f"{len(doc['layers'])} ({totals['linear']['params'] / totals['params']:.0%} "
                                           f"of parameters), {len(doc.get('skipped', []))} skipped"),
     ]
@@ -384,10 +394,10 @@ def _convert_section(doc: dict, rows: list[Row]) -> Section:
     if doc.get("accuracy"):
         acc = doc["accuracy"]
         rows.append(Row("convert", f"accuracy on {acc.get('dataset', 'the evaluation set')}",
-                        f"{acc['converted']:.2%} (was {acc['original']:.2%})", _source(doc, acc, "converted", "accuracy.converted")))
+                        f"{acc['converted']:.2%} (was {acc['original']:.2%})", *_source(doc, acc, "converted", "accuracy.converted")))
     if doc.get("onnx"):
         rows.append(Row("convert", "ONNX export, max abs difference", f"{doc['onnx']['max_abs_diff']:.3g}",
-                        _source(doc, doc["onnx"], "max_abs_diff", "onnx.max_abs_diff")))
+                        *_source(doc, doc["onnx"], "max_abs_diff", "onnx.max_abs_diff")))
     dense = sum(layer["rank"] is None for layer in doc["layers"])
     rows.append(Row("convert", "layers", f"{len(doc['layers']) - dense} factorised, {dense} kept dense "
                                          f"({doc.get('allocator', '')} allocator, {doc.get('objective', '')} objective)"))
@@ -416,7 +426,7 @@ def _finetune_section(doc: dict, rows: list[Row]) -> Section:
     method = f"{doc['method']} (update: {doc.get('update')})" if doc.get("update") else doc["method"]
     rows += [Row("finetune", "method", f"{method} on {doc.get('data', '')}"),
              Row("finetune", "final accuracy", f"{doc['final']['accuracy']:.2%}",
-                 _source(doc, doc["final"], "accuracy", "final.accuracy"))]
+                 *_source(doc, doc["final"], "accuracy", "final.accuracy"))]
     for key, label in (("peak_bytes", "peak training memory"), ("saved_activation_bytes", "saved activations"),
                        ("paper_scope_bytes", "linear weights + activations (paper scope)")):
         if memory.get(key) is None:
@@ -424,10 +434,10 @@ def _finetune_section(doc: dict, rows: list[Row]) -> Section:
         value = format_bytes(memory[key])
         if vanilla and vanilla.get(key):
             value += f" (vanilla {format_bytes(vanilla[key])}, {_percent_change(memory[key], vanilla[key])})"
-        rows.append(Row("finetune", label, value, _source(doc, memory, key, f"memory.{key}")))
+        rows.append(Row("finetune", label, value, *_source(doc, memory, key, f"memory.{key}")))
     if doc.get("step_time_median_s") is not None:
         rows.append(Row("finetune", "median step time", f"{doc['step_time_median_s'] * 1000:.1f} ms",
-                        _source(doc, doc, "step_time_median_s", "step_time_median_s")))
+                        *_source(doc, doc, "step_time_median_s", "step_time_median_s")))
     section = Section(f"Fine-tuning of {doc['model']} ({doc['method']})")
     bars = ([("vanilla", vanilla)] if vanilla else []) + [(doc["method"], memory)]
     dotted = (["memory_vanilla"] if vanilla else []) + ["memory"]
@@ -466,24 +476,24 @@ th, td { text-align: left; padding: .3rem .7rem; border-bottom: 1px solid #e5e5e
 th { background: #f4f4f4; } table.summary td:first-child { color: #666; white-space: nowrap; }
 .source { font-size: .78rem; padding: .08rem .45rem; border-radius: .7rem; white-space: nowrap; }
 .source.measured { background: #dff0d8; color: #2f5f20; } .source.derived { background: #fcf1d6; color: #7a5500; }
-.source.other { background: #eee; color: #444; }
+.source.counted { background: #e3ecf7; color: #24466e; } .source.other { background: #eee; color: #444; }
 figure { margin: 1rem 0 1.8rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 details { margin: .8rem 0; } summary { cursor: pointer; color: #335; }
 table.layers td, table.layers th { padding: .2rem .6rem; font-size: .82rem; }
 """
 
 
-def _source_badge(text: str) -> str:
+def _source_badge(text: str, kind: str) -> str:
     if not text:
         return ""
-    kind = _source_kind(text) or "other"
+    kind = kind or "other"
     return f"<span class='source {kind}' title='{html.escape(text, quote=True)}'>{html.escape(text)}</span>"
 
 
 def _html(sections: list[Section], rows: list[Row]) -> str:
     summary = "".join(
         f"<tr><td>{html.escape(r.report)}</td><td>{html.escape(r.figure)}</td><td>{html.escape(r.value)}</td>"
-        f"<td>{_source_badge(r.source)}</td></tr>" for r in rows)
+        f"<td>{_source_badge(r.source, r.kind)}</td></tr>" for r in rows)
     parts = [
         "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",

@@ -1,6 +1,6 @@
-"""Models that ship inside the package (weights as safetensors, provenance beside them)."""
+"""Models that ship inside the package (weights as safetensors, provenance beside them).
 
-from wasi_compress.builtin import mnist_vit
+Each module registers its model as ``builtin:<name>`` with `wasi_compress.architectures.register_architecture`;
+importing this package imports them all."""
 
-# name -> callable returning the model with its shipped weights
-BUILTIN_MODELS = {"mnist-vit": mnist_vit.pretrained}
+from wasi_compress.builtin import mnist_vit  # noqa: F401  (registers builtin:mnist-vit)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from wasi_compress import _compat  # noqa: F401
+from wasi_compress.architectures import register_architecture
 
 WEIGHTS = Path(__file__).with_name("mnist_vit.safetensors")
 PROVENANCE = Path(__file__).with_name("mnist_vit.json")
@@ -40,6 +41,10 @@ def pretrained():
     model.load_state_dict(load_file(str(WEIGHTS)))
     model.eval()
     return model
+
+
+# The lambda looks `pretrained` up at call time, so the name stays the one place to change (or patch).
+register_architecture("mnist-vit", pretrained=lambda: pretrained())(architecture)
 
 
 def provenance() -> dict:

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wasi_compress.passes.capture import register_linear_type
-
+from wasi_compress.modules.registry import register_linear_type
 from wasi_compress.spectrum import errors_for_ranks, rank_for_threshold, singular_values
 
 __all__ = [

@@ -30,9 +30,18 @@ from wasi_compress.modules.asi import (
 )
 from wasi_compress.modules.subspace import SubspaceLinear, Whitening
 
-__all__ = ["ASILinear", "CompactInputLinear", "TrainingModuleTracer", "UPDATE_RULES", "WASILinear"]
+__all__ = ["ASILinear", "CompactInputLinear", "TrainingModuleTracer", "UPDATE_ALIASES", "UPDATE_RULES", "WASILinear",
+           "canonical_update"]
 
-UPDATE_RULES = ("factored", "subspace-iteration")
+# "optimizer-step": L and R are Parameters stepped by an optimizer, then re-orthonormalised;
+# "subspace-iteration": the paper's rule, L and R updated inside backward (plain SGD, no optimizer state).
+UPDATE_RULES = ("optimizer-step", "subspace-iteration")
+UPDATE_ALIASES = {"factored": "optimizer-step"}  # the spelling before the rename, still accepted
+
+
+def canonical_update(update: str) -> str:
+    """The update rule's current name (old spellings map to it)."""
+    return UPDATE_ALIASES.get(update, update) if isinstance(update, str) else update
 
 
 class ASILinear(nn.Module):
@@ -87,7 +96,7 @@ def _is_partial_view(x: Tensor) -> bool:
 class WASILinear(nn.Module):
     """Subspace linear for training: Y = (X R^T) L^T + b with only L, R, bias stored.
 
-    update="factored": L and R are Parameters trained by any optimizer. Gradients
+    update="optimizer-step" (old spelling "factored"): L and R are Parameters trained by any optimizer. Gradients
     dL = dY^T (X~ R^T), dR = (dY L)^T X~. Without a compressor these are exactly what autograd does
     for the two matmuls (it saves X and X R^T), so plain autograd runs; with a compressor a custom
     function saves the Tucker form of X and contracts both products from it. Call
@@ -104,9 +113,10 @@ class WASILinear(nn.Module):
     The update uses this process's gradient only (no all-reduce), so it is for single-process training.
     """
 
-    def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None = None, *, update: str = "factored",
+    def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None = None, *, update: str = "optimizer-step",
                  lr: float | None = None, weight_decay: float = 0.0, compressor: TuckerCompressor | None = None):
         super().__init__()
+        update = canonical_update(update)
         if update not in UPDATE_RULES:
             raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}")
         if L.dim() != 2 or R.dim() != 2 or L.shape[1] != R.shape[0]:
@@ -117,14 +127,14 @@ class WASILinear(nn.Module):
             if weight_decay < 0:
                 raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
         elif lr is not None or weight_decay:
-            raise ValueError("update='factored' takes lr and weight decay from the optimizer, not the layer")
+            raise ValueError("update='optimizer-step' takes lr and weight decay from the optimizer, not the layer")
         self.out_features, self.rank = L.shape
         self.in_features = R.shape[1]
         self.update = update
         self.lr = lr
         self.weight_decay = weight_decay
         self.compressor = compressor
-        if update == "factored":
+        if update == "optimizer-step":
             self.L = nn.Parameter(L)
             self.R = nn.Parameter(R)
         else:
@@ -135,7 +145,7 @@ class WASILinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int | None = None, threshold: float | None = None,
-                    update: str = "factored", lr: float | None = None, weight_decay: float = 0.0,
+                    update: str = "optimizer-step", lr: float | None = None, weight_decay: float = 0.0,
                     compressor: TuckerCompressor | None = None, whitening: Whitening | None = None) -> WASILinear:
         """Factor a dense layer (plain or whitened SVD, see `SubspaceLinear.from_linear`) and wrap it
         for training."""
@@ -143,7 +153,7 @@ class WASILinear(nn.Module):
         return cls.from_subspace(subspace, update=update, lr=lr, weight_decay=weight_decay, compressor=compressor)
 
     @classmethod
-    def from_subspace(cls, subspace: SubspaceLinear, *, update: str = "factored", lr: float | None = None,
+    def from_subspace(cls, subspace: SubspaceLinear, *, update: str = "optimizer-step", lr: float | None = None,
                       weight_decay: float = 0.0, compressor: TuckerCompressor | None = None) -> WASILinear:
         """Training copy of an inference layer (tensors are cloned, so the two never alias)."""
         bias = None if subspace.bias is None else subspace.bias.detach().clone()

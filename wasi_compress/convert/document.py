@@ -1,0 +1,86 @@
+"""The convert/1 document (docs/schemas.md) and the plan metadata a converted checkpoint carries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wasi_compress.planner import pareto_front
+
+SCHEMA = "wasi-compress/convert/1"
+PARETO_POINTS = 12
+
+
+def error_scale(objective: str) -> str:
+    if objective == "weight":
+        return "relative weight error ||W - W_k||_F / ||W||_F per layer (plain singular values), summed over layers"
+    return ("relative output error ||X W^T - X W_k^T||_F / ||X W^T||_F per layer on the calibration inputs "
+            "(whitened singular values), summed over layers")
+
+
+def pareto(planned, allocator: str) -> list[dict[str, Any]]:
+    """The planner's best total error at PARETO_POINTS budgets from the smallest feasible one to dense."""
+    layers = planned.layer_candidates()
+    fixed, floor = planned.fixed_bytes, planned.smallest_feasible_bytes
+    dense_total = fixed + sum(max(c.cost_bytes for c in layer.candidates) for layer in layers)
+    sweep = sorted({int(round(floor + (dense_total - floor) * i / (PARETO_POINTS - 1))) for i in range(PARETO_POINTS)})
+    return [{"budget_bytes": b + fixed, "error": round(e, 6)}
+            for b, e in pareto_front(layers, [b - fixed for b in sweep], allocator)]
+
+
+def sources(config, elem: int) -> dict[str, str]:
+    return {
+        "total_bytes": f"derived: parameter elements x {elem} bytes ({config.dtype}), shared tensors once",
+        "original_bytes": f"derived: parameters of the original model x {elem} bytes ({config.dtype})",
+        "layers.bytes": "derived: rank x (in + out) x element size + bias, or in x out x element size + bias when dense",
+        "layers.error": error_scale(config.objective),
+        "params": "counted: parameter elements, shared tensors once",
+        "flops": "measured by fvcore on one example input",
+        "pareto": "derived: the planner's best total error at each budget (whole-model bytes)",
+        "onnx.max_abs_diff": "measured: onnxruntime versus torch on the example input",
+        "accuracy": "measured: top-1 on the dataset's fixed test split",
+        "file_bytes": "measured: size of the written checkpoint",
+    }
+
+
+def document(spec: str, config, planned, original: dict[str, Any], converted: dict[str, Any],
+             notes: list[str]) -> dict[str, Any]:
+    """``original`` / ``converted``: {"bytes", "params", "flops", "accuracy"} of each model."""
+    elem = config.torch_dtype.itemsize
+    the_plan = planned.plan
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "model": spec, "budget_bytes": config.budget_bytes, "total_bytes": planned.total_bytes,
+        "original_bytes": original["bytes"], "dtype": config.dtype, "allocator": config.allocator,
+        "objective": config.objective, "error_scale": error_scale(config.objective), "seed": config.seed,
+        "resolution_bytes": the_plan.resolution_bytes, "max_slack_bytes": the_plan.max_slack_bytes,
+        "smallest_feasible_bytes": planned.smallest_feasible_bytes, "fixed_bytes": planned.fixed_bytes,
+        "buffer_bytes": planned.buffer_bytes, "total_error": round(the_plan.total_error, 6),
+        "layers": [{"name": name, "rank": c.rank, "bytes": c.cost_bytes, "error": round(c.error, 6)}
+                   for name, c in planned.chosen],
+        "params": {"original": original["params"], "converted": converted["params"]},
+        "flops": {"original": original["flops"], "converted": converted["flops"]},
+        "flops_convention": "fvcore: one multiply-add = 1 FLOP (METHOD.md counts 2), batch of 1",
+        "pareto": pareto(planned, config.allocator),
+        "calibration": ({"data": config.calib, "batches": config.calib_batches, "batch_size": config.calib_batch_size}
+                        if config.objective == "data" else None),
+        "skipped": planned.skipped, "notes": notes, "sources": sources(config, elem),
+    }
+    if original.get("accuracy") is not None:
+        doc["accuracy"] = {"original": original["accuracy"], "converted": converted["accuracy"], "dataset": config.eval}
+    return doc
+
+
+def checkpoint_extra(config, planned) -> dict[str, Any]:
+    """The plan as checkpoint metadata, so restoring needs no re-planning."""
+    the_plan = planned.plan
+    return {
+        "plan": {
+            "budget_bytes": config.budget_bytes, "planner_budget_bytes": planned.planner_budget_bytes,
+            "allocator": config.allocator, "objective": config.objective,
+            "resolution_bytes": the_plan.resolution_bytes, "max_slack_bytes": the_plan.max_slack_bytes,
+            "total_bytes": planned.total_bytes, "total_error": round(the_plan.total_error, 9),
+            "ranks": planned.ranks,
+        },
+        "seed": config.seed,
+        "convert": {k: v for k, v in config.to_dict().items()
+                    if k in ("calib", "calib_batches", "calib_batch_size", "rank_multiple", "rank_grid", "thresholds")},
+    }

@@ -1,0 +1,76 @@
+"""The finetune/1 document (docs/schemas.md) and the checkpoint a run writes after every epoch."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from wasi_compress.gates import FINETUNE as SCHEMA
+from wasi_compress.transforms.training import to_inference_
+
+SOURCES = {
+    "final.accuracy": "measured: held-out split after the last epoch",
+    "step_time_median_s": "measured: median wall time of the training steps of this run (forward, backward, "
+                          "optimizer step, re-orthonormalisation), batch preparation excluded",
+    "memory_vanilla": "measured: one step of ordinary fine-tuning (dense linears, exact activations) of the same "
+                      "model with the same optimizer and the same trainable parameters",
+}
+
+
+def checkpoint_source(config, loaded, num_classes: int | None) -> dict[str, Any] | None:
+    """The architecture the checkpoint records (None: a pickled module names none)."""
+    from wasi_compress.architectures import checkpoint_source
+
+    return checkpoint_source(config.model, arch=config.arch, img_size=config.img_size, metadata=loaded.metadata,
+                             num_classes=num_classes if num_classes is not None else config.num_classes)
+
+
+def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra) -> None:
+    """Stage the inference form of `model` (WASI layers as SubspaceLinear, ASI as nn.Linear) at `path`."""
+    from wasi_compress.checkpoint import save_checkpoint, structure_entry
+    from wasi_compress.modules.subspace import SubspaceLinear
+
+    export = to_inference_(copy.deepcopy(model)).eval()
+    structure = []
+    for site in sites:
+        try:
+            m = export.get_submodule(site.name)
+        except AttributeError:
+            continue
+        if isinstance(m, SubspaceLinear):
+            structure.append(structure_entry(site, m))
+    outputs.stage(path, lambda tmp: save_checkpoint(tmp, export, source=source, structure=structure, extra=extra,
+                                                    dtype="float32"))
+
+
+def document(config, run, final_accuracy: float) -> dict[str, Any]:
+    """``run``: the FinetuneRun (its loaded model, layers, history, measurements, plan, notes, data)."""
+    def public(m):
+        return None if m is None else {k: v for k, v in m.items() if k != "per_layer"}
+
+    doc = {
+        "schema": SCHEMA, "model": config.model, "data": config.data, "method": config.method,
+        "update": config.update if config.method == "wasi" else None, "seed": config.seed,
+        "optimizer": config.optimizer, "lr": config.effective_lr, "schedule": config.schedule,
+        "batch_size": config.batch_size, "threshold": config.threshold if config.method == "wasi" else None,
+        "activation_threshold": config.activation_threshold if config.method != "vanilla" else None,
+        "finetune_last": config.finetune_last, "world_size": run.dist.world,
+        "train_images": len(run.data.train), "test_images": len(run.data.test),
+        "epochs": run.history, "final": {"accuracy": final_accuracy},
+        "memory": public(run.memory), "memory_vanilla": public(run.memory_vanilla),
+        "step_time_median_s": statistics.median(run.step_times) if run.step_times else None,
+        "activation_plan": run.activation_plan, "activation_planning": run.planning,
+        "layers": [layer.to_dict() for layer in run.layers], "output": config.output, "notes": run.notes,
+        "sources": dict(SOURCES), "config": config.to_dict(),
+    }
+    if run.memory is not None:
+        doc["memory_per_layer"] = run.memory["per_layer"]
+    return doc
+
+
+def output_path(config) -> Path | None:
+    return Path(config.output) if config.output else None

@@ -1,0 +1,284 @@
+"""The `finetune` job: load MODEL and the data, make the model trainable with the `prepare_training_`
+transform, measure one step against ordinary fine-tuning, train with a checkpoint and resume state
+written after every epoch, and write the finetune/1 document. See the package docstring."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wasi_compress import fileio
+from wasi_compress.errors import UserError
+from wasi_compress.finetune import distributed as dist_utils
+from wasi_compress.finetune.config import FinetuneConfig
+from wasi_compress.finetune.data import TrainingData, evaluate, permutation
+from wasi_compress.finetune.document import checkpoint_source, document, write_checkpoint
+from wasi_compress.finetune.resume import (
+    check_resume, compressor_state, load_compressor_state, load_resume, resume_path, save_resume,
+)
+from wasi_compress.finetune.step_memory import measure_on_copy
+from wasi_compress.finetune.steps import after_step_fn, lr_setter, make_run_optimizer, train_step
+from wasi_compress.outputs import Outputs
+from wasi_compress.passes.training import BLOCK_ROLES, block_of
+
+
+@dataclass
+class FinetuneResult:
+    doc: dict[str, Any]             # the wasi-compress/finetune/1 document
+    model: nn.Module                # the trained model, with its training modules
+    output: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def finetune(config: FinetuneConfig, *, loaded=None,
+             on_step: Callable[[int, int, int, float, float], None] | None = None,
+             on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+             on_status: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Run a fine-tuning (see the package docstring). Callbacks (rank 0 only): on_step(epoch, step,
+    steps, running loss, running train accuracy), on_epoch(epoch, {loss, accuracy, ...}), on_status(text).
+    The input (MODEL, or ``loaded``) is changed: it becomes the trained model."""
+    from wasi_compress.loading import resolve_device
+
+    resolve_device(config.device)  # one line, not a traceback, for a device torch cannot use
+    with dist_utils.distributed(config) as info:
+        run = FinetuneRun(config, info, on_status if (on_status and info.main) else (lambda _t: None))
+        run.setup(loaded)
+        run.measure()
+        run.train(on_step if info.main else None, on_epoch if info.main else None)
+        return run.finish()
+
+
+class FinetuneRun:
+    """The state of one run, built up by setup, measure, train and finish (each a step of `finetune`)."""
+
+    def __init__(self, config: FinetuneConfig, info: dist_utils.Dist, status: Callable[[str], None]):
+        self.config, self.dist, self.status = config, info, status
+        self.notes: list[str] = []
+        self.history: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self.start_epoch = 0
+        self.memory = self.memory_vanilla = None
+        self.state = None
+        torch.manual_seed(config.seed)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self, loaded) -> None:
+        config = self.config
+        self.loaded = loaded = self._load(loaded)
+        model = loaded.model.to(config.device)
+        n_calib = min(config.batch_size, len(self.data.train))
+        self.calib_x = self.data.batch(self.data.train.images[:n_calib])
+        self.calib_y = self.data.train.labels[:n_calib].to(config.device)
+        if config.resume:
+            self.state = load_resume(resume_path(config.output))
+            check_resume(config, self.state, self.dist.world, resume_path(config.output))
+        self._prepare(model)
+        self.optimizer = make_run_optimizer([p for p in self.model.parameters() if p.requires_grad], config)
+        if self.state is not None:
+            self._restore()
+
+    def _load(self, loaded):
+        from wasi_compress.loading import load_model
+
+        config = self.config
+        self.status("loading the model")
+        if loaded is None:
+            loaded = load_model(config.model, arch=config.arch, weights=config.weights, trust_pickle=config.trust_pickle,
+                                num_classes=config.num_classes, img_size=config.img_size)
+        self.status("loading the data")
+        self.data = TrainingData(config.data, loaded.input_size, loaded.mean, loaded.std, config.device)
+        self.notes += self.data.notes
+        self.source = checkpoint_source(config, loaded, self._reset_classifier(loaded))
+        if config.output and self.source is None:
+            raise UserError(f"{config.model}: a pickled module names no architecture, so no checkpoint can be written; "
+                            "give the architecture with --arch")
+        return loaded
+
+    def _reset_classifier(self, loaded) -> int | None:
+        """A classifier whose size differs from the data's classes is reset (timm reset_classifier)."""
+        model, classes = loaded.model, self.data.num_classes
+        if loaded.num_classes is None or loaded.num_classes == classes:
+            return None
+        if not hasattr(model, "reset_classifier"):
+            raise UserError(f"the data has {classes} classes but the model's classifier has {loaded.num_classes}, "
+                            "and the model has no reset_classifier()")
+        torch.manual_seed(self.config.seed)
+        model.reset_classifier(classes)
+        self.notes.append(f"classifier reset from {loaded.num_classes} to {classes} classes (the data's)")
+        return classes
+
+    def _prepare(self, model: nn.Module) -> None:
+        """The `prepare_training_` transform, with a dense twin kept for the vanilla measurement."""
+        from wasi_compress.passes.attention import ExplicitAttentionPass
+        from wasi_compress.transforms.training import prepare_training_
+
+        ExplicitAttentionPass()(model)  # before the twin, so both name their projections alike
+        twin = copy.deepcopy(model) if (self.config.measure_memory and self.dist.main) else None
+        state = self.state
+        self.status("inserting training modules")
+        handle = prepare_training_(model, self.config.wasi_config(), example=self.calib_x[:2],
+                                   calib=(self.calib_x, self.calib_y),
+                                   weight_ranks=None if state is None else state["weight_ranks"],
+                                   activation_ranks=None if state is None else state["activation_ranks"])
+        self.handle, self.model, self.layers = handle, handle.model, handle.layers
+        if twin is not None:
+            frozen = set(handle.frozen)
+            for name, p in twin.named_parameters():
+                p.requires_grad_(name not in frozen)
+        self.dense_twin = twin
+        self._plan_of(handle)
+        self._prepare_notes(handle)
+
+    def _plan_of(self, handle) -> None:
+        if self.state is not None:
+            self.activation_plan = self.state["activation_ranks"]
+            self.planning = json.loads(self.state["planning"])
+        elif handle.activation_plan is not None:
+            self.activation_plan, self.planning = handle.activation_plan.ranks, handle.activation_plan.to_dict()
+        else:
+            self.activation_plan = self.planning = None
+        self.weight_ranks = {layer.name: layer.weight_rank for layer in self.layers
+                             if layer.role in BLOCK_ROLES and block_of(layer.name) in handle.blocks}
+
+    def _prepare_notes(self, handle) -> None:
+        cap = handle.capture
+        if cap.method != "fx":
+            self.notes.append(f"capture used forward hooks: {cap.note}")
+        for item in cap.skipped:
+            self.notes.append(f"skipped {item['name']}: {item['reason']}")
+        if self.config.finetune_last is not None:
+            self.notes.append(f"only the last {self.config.finetune_last} blocks ({', '.join(handle.blocks)}) and what "
+                              f"runs after them are trained; {len(handle.frozen)} parameters before them are frozen "
+                              "and save no activations")
+        for layer in self.layers:
+            if layer.note and layer.module != "dense":
+                self.notes.append(f"{layer.name}: {layer.note}")
+        self.notes.append("the classifier head and layers outside the transformer blocks stay dense and trainable")
+
+    def _restore(self) -> None:
+        state, device = self.state, self.config.device
+        self.model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        load_compressor_state(self.model, state["per_rank"][self.dist.rank]["compressors"], device)
+        self.start_epoch = int(state["epoch"])
+        self.history, self.step_times = list(state["history"]), list(state["step_times"])
+
+    # -- measure --------------------------------------------------------------------------------
+    def measure(self) -> None:
+        """One step of this model and one of ordinary fine-tuning of the same model, on copies."""
+        linears = {s.name: s.role for s in self.handle.capture.sites if s.kind == "module"}
+        if self.dense_twin is not None:
+            self.status("measuring one training step (this method)")
+            self.memory = measure_on_copy(self.model, self.config, self.calib_x, self.calib_y, linears)
+            self.status("measuring one training step (vanilla fine-tuning)")
+            self.memory_vanilla = measure_on_copy(self.dense_twin, self.config, self.calib_x, self.calib_y, linears,
+                                                  ordinary=True)
+            self.dense_twin = None
+            gc.collect()
+
+    # -- train ----------------------------------------------------------------------------------
+    def train(self, on_step, on_epoch) -> None:
+        config, info = self.config, self.dist
+        train_model = self.model
+        if info.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(self.model)
+            self.notes.append(f"DDP over {info.world} processes; memory was measured in one process without DDP")
+        if self.state is None:
+            torch.manual_seed(config.seed + info.rank)
+        else:
+            torch.set_rng_state(self.state["per_rank"][info.rank]["rng"])
+        self.steps = math.ceil(len(self.data.train) / config.batch_size)
+        set_lr = lr_setter(self.model, self.optimizer, config, self.steps)
+        after_step = after_step_fn(self.model)
+        self.model.train()
+        for epoch in range(self.start_epoch, config.epochs):
+            totals = self._epoch(epoch, train_model, set_lr, after_step, on_step)
+            record = self._end_epoch(epoch, totals)
+            if on_epoch:
+                on_epoch(epoch, record)
+            dist_utils.barrier(info)
+
+    def _epoch(self, epoch: int, train_model, set_lr, after_step, on_step) -> torch.Tensor:
+        config, info, data = self.config, self.dist, self.data
+        perm = permutation(len(data.train), config.seed, epoch)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+        for step in range(self.steps):
+            idx = perm[step * config.batch_size:(step + 1) * config.batch_size][info.rank::info.world]
+            x = data.batch(data.train.images[idx])
+            y = data.train.labels[idx].to(config.device)
+            set_lr(epoch * self.steps + step)
+            start = time.perf_counter()
+            loss, out = train_step(train_model, self.optimizer, x, y, after_step)
+            self.step_times.append(time.perf_counter() - start)
+            totals += torch.tensor([float(loss) * len(idx), float((out.argmax(-1) == y).sum()), len(idx)],
+                                   dtype=torch.float64)
+            if on_step:
+                on_step(epoch, step + 1, self.steps, float(totals[0] / totals[2]), float(totals[1] / totals[2]))
+        return totals
+
+    def _end_epoch(self, epoch: int, totals: torch.Tensor) -> dict[str, float]:
+        info = self.dist
+        dist_utils.all_reduce_(totals, info)
+        accuracy = torch.tensor([evaluate(self.model, self.data) if info.main else 0.0], dtype=torch.float64)
+        dist_utils.broadcast_(accuracy, info)
+        record = {"loss": float(totals[0] / totals[2]), "accuracy": float(accuracy[0]),
+                  "train_accuracy": float(totals[1] / totals[2])}
+        self.history.append(record)
+        per_rank = dist_utils.gather_objects({"rng": torch.get_rng_state(), "compressors": compressor_state(self.model)}, info)
+        if info.main and self.config.output:
+            self._write_epoch(epoch + 1, record, per_rank)
+        return record
+
+    def _checkpoint_meta(self, **more) -> dict[str, Any]:
+        c = self.config
+        return {"finetune": {"method": c.method, "update": c.update if c.method == "wasi" else None, "seed": c.seed,
+                             "data": c.data, "lr": c.effective_lr, "schedule": c.schedule, "optimizer": c.optimizer,
+                             "threshold": c.threshold, "activation_threshold": c.activation_threshold,
+                             "finetune_last": c.finetune_last, "activation_plan": self.activation_plan,
+                             "layers": [layer.to_dict() for layer in self.layers], **more}}
+
+    def _write_epoch(self, epochs_done: int, record, per_rank) -> None:
+        """The checkpoint and the resume state, committed together."""
+        config = self.config
+        with Outputs() as outputs:
+            meta = self._checkpoint_meta(epochs_done=epochs_done, accuracy=record["accuracy"])
+            write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source, meta)
+            save_resume(resume_path(config.output), outputs, config=config, epoch=epochs_done, model=self.model,
+                        optimizer=self.optimizer, history=self.history, step_times=self.step_times,
+                        weight_ranks=self.weight_ranks, activation_ranks=self.activation_plan,
+                        planning=self.planning, per_rank=per_rank)
+            outputs.commit()
+
+    # -- finish ---------------------------------------------------------------------------------
+    def finish(self) -> FinetuneResult:
+        config, main = self.config, self.dist.main
+        trained_now = self.history and self.start_epoch < config.epochs
+        final_accuracy = self.history[-1]["accuracy"] if trained_now else (evaluate(self.model, self.data) if main else 0.0)
+        if not trained_now and main and config.output and self.start_epoch >= config.epochs:
+            self.notes.append(f"the resume state already holds {self.start_epoch} epochs; nothing was trained")
+        doc = document(config, self, final_accuracy)
+        if main:
+            with Outputs() as outputs:
+                if not self.history and config.output:
+                    write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source,
+                                     self._checkpoint_meta(epochs_done=0))
+                if config.json_path:
+                    outputs.then(lambda: fileio.write_json(config.json_path, doc))
+                if config.report_dir:
+                    from wasi_compress.report_html import write_report
+
+                    outputs.then(lambda: write_report(config.report_dir, finetune=doc))
+                outputs.commit()
+        return FinetuneResult(doc, self.model, Path(config.output) if config.output else None, self.notes)

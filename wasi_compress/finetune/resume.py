@@ -1,0 +1,94 @@
+"""The resume state (``OUT.resume.pt``): everything a run needs to continue to the same result as an
+uninterrupted one (model, optimizer, RNG per process, Tucker compressors' ranks and warm-start factors,
+the planned ranks). Plain tensors and containers only, read back with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wasi_compress.errors import UserError
+from wasi_compress.finetune.config import FinetuneConfig
+from wasi_compress.modules.asi import TuckerCompressor
+from wasi_compress.modules.training import canonical_update
+from wasi_compress.outputs import Outputs
+
+RESUME_SUFFIX = ".resume.pt"
+RESUME_VERSION = 1
+# Settings that must match between a run and the run that resumes it (epochs may grow).
+_RESUME_KEYS = ("model", "data", "method", "update", "threshold", "activation_threshold", "activation_budget",
+                "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "step_in_backward",
+                "finetune_last", "seed", "arch", "weights", "num_classes", "img_size")
+
+
+def resume_path(output: str | os.PathLike) -> Path:
+    return Path(str(output) + RESUME_SUFFIX)
+
+
+def compressor_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, m in model.named_modules():
+        c = getattr(m, "compressor", None)
+        if isinstance(c, TuckerCompressor):
+            out[name] = {"ranks": None if c.ranks is None else torch.tensor(c.ranks, dtype=torch.int64),
+                         "factors": None if c.factors is None else [f.detach().clone().cpu() for f in c.factors]}
+    return out
+
+
+def load_compressor_state(model: nn.Module, state: dict[str, dict[str, Any]], device: str) -> None:
+    for name, m in model.named_modules():
+        c = getattr(m, "compressor", None)
+        if isinstance(c, TuckerCompressor):
+            if name not in state:
+                raise UserError(f"the resume state has no compressor state for {name}; it was written by another setup")
+            s = state[name]
+            c.ranks = None if s["ranks"] is None else [int(v) for v in s["ranks"].tolist()]
+            c.factors = None if s["factors"] is None else [f.to(device) for f in s["factors"]]
+
+
+def check_resume(config: FinetuneConfig, state: dict[str, Any], world: int, path: Path) -> None:
+    if state.get("version") != RESUME_VERSION:
+        raise UserError(f"{path}: resume state version {state.get('version')!r} is not one this version reads")
+    # a setting added after the state was written was at its default then
+    saved = {**FinetuneConfig(model=config.model, data=config.data).to_dict(), **json.loads(state["config"])}
+    saved["update"] = canonical_update(saved["update"])  # a state written before the rename
+    now = config.to_dict()
+    keys = _RESUME_KEYS + (("epochs",) if config.schedule == "cosine" else ())
+    for key in keys:
+        if saved.get(key) != now.get(key):
+            raise UserError(f"{path}: was written with {key}={saved.get(key)!r}, but this run has {key}={now.get(key)!r}; "
+                            "resume with the same settings (with --schedule constant, --epochs may grow)")
+    if len(state["per_rank"]) != world:
+        raise UserError(f"{path}: was written by {len(state['per_rank'])} processes; resume with the same number (now {world})")
+
+
+def save_resume(path: Path, outputs: Outputs, *, config: FinetuneConfig, epoch: int, model: nn.Module, optimizer, history, step_times,
+                 weight_ranks, activation_ranks, planning, per_rank: list[dict[str, Any]]) -> None:
+    state = {
+        "version": RESUME_VERSION,
+        "config": config.to_json(),
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+        "step_times": list(step_times),
+        "weight_ranks": weight_ranks,
+        "activation_ranks": activation_ranks,
+        "planning": json.dumps(planning),
+        "per_rank": per_rank,
+    }
+    outputs.stage(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"--resume: {path} does not exist (it is written after every epoch of a run with -o)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # damaged or foreign file
+        raise UserError(f"{path}: not a readable resume state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc

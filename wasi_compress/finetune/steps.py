@@ -1,0 +1,63 @@
+"""One training step, the learning-rate schedule and the run's optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wasi_compress.modules.training import WASILinear
+from wasi_compress.transforms.training import reorthonormalize_
+
+
+def after_step_fn(model: nn.Module) -> Callable[[], None]:
+    """What runs after each optimizer step: re-orthonormalise the optimizer-step WASI layers."""
+    return lambda: reorthonormalize_(model)
+
+
+def learning_rate(config, step: int, total_steps: int) -> float:
+    """The learning rate of a global step: constant, or cosine decay from --lr towards 0 over the run."""
+    base = config.effective_lr
+    if config.schedule == "constant" or total_steps <= 0:
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+def lr_setter(model: nn.Module, optimizer, config, steps_per_epoch: int) -> Callable[[int], None]:
+    """Sets the step's learning rate on the optimizer and on every subspace-iteration layer (which
+    updates its L, R in backward with its own `lr`)."""
+    layers = [m for m in model.modules() if isinstance(m, WASILinear) and m.update == "subspace-iteration"]
+    total = steps_per_epoch * config.epochs
+
+    def set_lr(step: int) -> None:
+        lr = learning_rate(config, step, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for m in layers:
+            m.lr = lr
+
+    return set_lr
+
+
+def train_step(model: nn.Module, optimizer, x: Tensor, y: Tensor,
+               after_step: Callable[[], None]) -> tuple[Tensor, Tensor]:
+    """Forward, cross-entropy, backward, optimizer step, then re-orthonormalise optimizer-step WASI
+    layers. Subspace-iteration layers update their L, R during backward."""
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    after_step()
+    return loss.detach(), out.detach()
+
+
+def make_run_optimizer(params: list[nn.Parameter], config, *, ordinary: bool = False):
+    """The run's optimizer; `ordinary` forces a plain step after backward (the vanilla baseline's)."""
+    from wasi_compress.optim import make_optimizer
+
+    return make_optimizer(params, config.optimizer, lr=config.effective_lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, step_in_backward=config.step_in_backward and not ordinary)

@@ -1,0 +1,86 @@
+"""All-or-nothing outputs for every job: each file is first written beside its target under a temporary
+name; `commit` renames them into place in order and runs the writers that keep their own atomicity
+(a report folder, JSON on stdout). If anything fails, what this set wrote is removed, so an interrupted
+or failed command never leaves a half-written output or a partial set behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+class Outputs:
+    """A set of outputs committed together. Use as a context manager: temporaries go on exit."""
+
+    def __init__(self) -> None:
+        self._moves: list[tuple[Path, Path]] = []      # (temporary, final), in commit order
+        self._writers: list[Callable[[], Path | None]] = []
+        self._dirs: list[Path] = []
+
+    def tempdir(self, target: str | os.PathLike) -> Path:
+        """A private folder beside `target` for temporaries (removed when the set closes)."""
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        self._dirs.append(d)
+        return d
+
+    def stage(self, target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+        """Write `target` now, under a temporary name with the same file name; renamed on commit.
+        Returns the temporary path (to measure what was written)."""
+        tmp = self.tempdir(target) / Path(target).name
+        write(tmp)
+        self._moves.append((tmp, Path(target)))
+        return tmp
+
+    def move(self, temporary: Path, target: str | os.PathLike) -> None:
+        """Rename an already written temporary to `target` on commit."""
+        self._moves.append((Path(temporary), Path(target)))
+
+    def then(self, writer: Callable[[], Path | None]) -> None:
+        """Run `writer` on commit, after the renames (it returns the path it wrote, if any)."""
+        self._writers.append(writer)
+
+    def commit(self) -> list[Path]:
+        """Put every output in place; on failure remove what this commit wrote, then re-raise."""
+        written: list[Path] = []
+        try:
+            for tmp, final in self._moves:
+                _keep_default_permissions(tmp)
+                os.replace(tmp, final)
+                written.append(final)
+            for writer in self._writers:
+                path = writer()
+                if path is not None:
+                    written.append(Path(path))
+        except BaseException:
+            for path in written:
+                Path(path).unlink(missing_ok=True)
+            raise
+        finally:
+            self._moves.clear()
+            self._writers.clear()
+            self.close()
+        return written
+
+    def close(self) -> None:
+        for d in self._dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _keep_default_permissions(path: Path) -> None:
+    """mkstemp creates 0600 files; give an output the permissions a plain open() would have."""
+    if path.is_file():
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)

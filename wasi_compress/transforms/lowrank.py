@@ -1,0 +1,183 @@
+"""`lowrank_`: the most faithful low-rank model that fits a byte budget (METHOD.md sections 1, 3 and 4).
+
+Budget semantics: ``config.budget`` is the total bytes of ALL parameters of the result stored in
+``config.dtype`` plus its persistent buffers. Parameters the transform does not change (embeddings,
+norms, convolutions, linears that are skipped or filtered out) are paid for first; the rest goes to the
+planner, which picks one candidate per linear: a rank k (``k (in + out)`` elements plus the bias) or the
+dense layer. Every candidate's error is relative to its own layer, so errors add up on one scale:
+``objective="weight"``: ||W - W_k||_F / ||W||_F; ``objective="data"``: ||X W^T - X W_k^T||_F / ||X W^T||_F
+on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from wasi_compress.errors import InfeasibleBudgetError, UserError
+from wasi_compress.modules.subspace import SubspaceLinear, whitened_singular_values
+from wasi_compress.planner import LayerCandidates, Plan, plan as make_plan, smallest_feasible_budget
+from wasi_compress.spectrum import singular_values
+from wasi_compress.transforms._lowrank_candidates import (
+    Progress, SiteWeights, rank_candidates, site_weights, unsupported, whitenings_from,
+)
+from wasi_compress.transforms.config import LowRankConfig
+from wasi_compress.marks import mark_module
+
+FilterFn = Callable[[nn.Module, str], bool]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LowRankPlan:
+    """What `lowrank_` decided: the plan, its layers and candidates, and the budget's accounting.
+    ``model`` is the model to use from now on (the one passed in, or its traced GraphModule when a
+    functional linear was factored)."""
+
+    model: nn.Module
+    plan: Plan
+    layers: list[SiteWeights]
+    chosen: list[tuple[str, Any]]          # (site name, Candidate)
+    fixed_param_bytes: int
+    buffer_bytes: int
+    smallest_feasible_bytes: int
+    planner_budget_bytes: int
+    total_bytes: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    capture: Any = None
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.fixed_param_bytes + self.buffer_bytes
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        return {name: c.rank for name, c in self.chosen}
+
+    def layer_candidates(self) -> list[LayerCandidates]:
+        return [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in self.layers]
+
+
+def element_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8 if t.is_floating_point() else t.element_size()
+
+
+def param_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the parameters in `dtype` (parameters() yields a shared tensor once)."""
+    return sum(p.numel() * element_bytes(p, dtype) for p in model.parameters())
+
+
+def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
+             calib: Iterable[torch.Tensor] | None = None, filter_fn: FilterFn | None = None,
+             on_progress: Progress | None = None) -> LowRankPlan:
+    """Factor the linears of `model` IN PLACE under ``config.budget`` and return the plan.
+
+    ``example``: an input batch (shapes only). ``calib``: input batches for ``objective="data"``.
+    ``filter_fn(module, fqn) -> bool`` decides which linears may change (default: ``config.roles``).
+    Module linears are swapped in `model` itself; a functional linear (F.linear on a parameter) can
+    only be rewritten in the traced graph, and then ``plan.model`` is that GraphModule."""
+    from wasi_compress.checkpoint import copy_model_attributes, stored_bytes
+    from wasi_compress.passes.capture import capture
+    from wasi_compress.passes.replace import ReplaceLinearsPass, dense_view
+
+    if not isinstance(config, LowRankConfig):
+        raise TypeError(f"config must be a LowRankConfig, got {type(config).__name__}")
+    progress = on_progress or (lambda *_: None)
+    dtype, device = DTYPES[config.dtype], example.device
+    elem = torch.finfo(dtype).bits // 8
+    cap = capture(model, example)
+    skipped = list(cap.skipped)
+    layers = _selected(model, cap, config, filter_fn, elem, skipped, dense_view)
+    site_params = {id(p) for layer in layers for p in _site_parameters(model, layer.site)}
+    fixed_param = sum(p.numel() * element_bytes(p, dtype) for p in model.parameters() if id(p) not in site_params)
+    buffer_bytes = stored_bytes(model, dtype) - param_bytes(model, dtype)
+
+    whitenings = {}
+    if config.objective == "data":
+        if calib is None:
+            raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
+        whitenings = whitenings_from(model, layers, calib, device, progress)
+    for i, layer in enumerate(layers):
+        progress(i, len(layers), f"spectrum of {layer.site.name}")
+        wh = whitenings.get(layer.site.name)
+        s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
+        layer.candidates = rank_candidates(layer, s, config, elem)
+    progress(len(layers), len(layers), "planning")
+
+    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers]
+    fixed = fixed_param + buffer_bytes
+    floor = smallest_feasible_budget(candidates) + fixed
+    if config.budget_bytes < floor:
+        error = InfeasibleBudgetError(
+            f"budget {config.budget_bytes} bytes is infeasible in {config.dtype}: the smallest feasible budget is "
+            f"{floor} bytes: every linear at its smallest rank plus {fixed} bytes of other parameters", floor)
+        error.fixed_bytes = fixed
+        raise error
+    the_plan = make_plan(candidates, config.budget_bytes - fixed, config.allocator)
+    chosen = the_plan.chosen(candidates)
+    ranks = {name: c.rank for name, c in chosen}
+    to_replace = [layer for layer in layers if ranks[layer.site.name] not in (None, layer.current_rank)]
+    target = _factor(model, cap, to_replace, ranks, whitenings, progress, ReplaceLinearsPass, copy_model_attributes)
+    if dtype != torch.float32:
+        _round_trip_dtype(target, dtype)  # compute with exactly the weights a checkpoint stores
+    total = param_bytes(target, dtype)
+    if total > fixed_param + the_plan.total_cost_bytes:  # the accounting and the model must agree
+        raise AssertionError(f"planned {fixed_param + the_plan.total_cost_bytes} bytes, the model has {total}")
+    return LowRankPlan(target, the_plan, layers, chosen, fixed_param, buffer_bytes, floor,
+                       config.budget_bytes - fixed, total, skipped, cap)
+
+
+def _selected(model, cap, config, filter_fn, elem, skipped, dense_view) -> list[SiteWeights]:
+    layers = []
+    for site in cap.sites:
+        reason = unsupported(model, site)
+        if reason is None and filter_fn is None and site.role not in config.roles:
+            reason = f"role {site.role} is not in roles"
+        if reason is None and filter_fn is not None and not filter_fn(_module_of(model, site, dense_view), site.name):
+            reason = "excluded by filter_fn"
+        if reason:
+            skipped.append({"name": site.name, "reason": reason})
+            continue
+        layers.append(site_weights(model, site, elem))
+    if not layers:
+        raise UserError("no linear layer to convert" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
+    return layers
+
+
+def _module_of(model: nn.Module, site, dense_view) -> nn.Module:
+    return model.get_submodule(site.name) if site.kind == "module" else dense_view(model, site)
+
+
+def _site_parameters(model: nn.Module, site) -> list[nn.Parameter]:
+    if site.kind == "module":
+        return list(model.get_submodule(site.name).parameters())
+    return [model.get_parameter(n) for n in (site.weight_name, site.bias_name) if n]
+
+
+def _factor(model, cap, to_replace, ranks, whitenings, progress, replace_pass, copy_attrs) -> nn.Module:
+    """One SVD per chosen layer, all in one reversible pass; each new module is marked with its site."""
+    done = [0]
+
+    def build(site, dense: nn.Linear) -> nn.Module:
+        progress(done[0], len(to_replace), f"factoring {site.name} at rank {ranks[site.name]}")
+        done[0] += 1
+        new = SubspaceLinear.from_linear(dense, rank=ranks[site.name], whitening=whitenings.get(site.name))
+        return mark_module(new, "lowrank", site=site.name, kind=site.kind, origin="linear")
+
+    functional = any(layer.site.kind == "functional" for layer in to_replace)
+    target: nn.Module = cap.graph_module if functional else model
+    if functional:
+        copy_attrs(model, cap.graph_module)
+    replace_pass([layer.site for layer in to_replace], build)(target)
+    progress(len(to_replace), len(to_replace), "factored")
+    whitenings.clear()
+    return target.eval()
+
+
+@torch.no_grad()
+def _round_trip_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.to(dtype))
