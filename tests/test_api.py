@@ -181,3 +181,32 @@ def test_config_errors_name_the_field(cls, kwargs, field):
 
 def test_old_update_spelling_is_accepted():
     assert WasiConfig(update="factored").update == "optimizer-step"
+
+
+def test_jobs_leave_their_input_unchanged(vit_models, tmp_path):
+    """The one rule: transforms change the model in place, jobs (analyze, convert) never do."""
+    from wasi_compress.analysis import analyze
+    from wasi_compress.convert import ConvertConfig, convert
+
+    model = vit_models.mha_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    doc = analyze(model, batch_size=2)
+    convert(model, ConvertConfig(budget=int(doc["totals"]["weight_bytes"] * 0.8)))
+    assert [type(m) for m in model.modules()] == modules  # nn.MultiheadAttention not rewritten
+    assert model.state_dict().keys() == before.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_reports_carry_each_figures_source_kind_as_data(vit_models):
+    from wasi_compress.convert import ConvertConfig, convert
+
+    doc = convert(_tiny(vit_models), ConvertConfig(budget=200_000)).report
+    assert doc["source_kinds"]["total_bytes"] == "derived" and doc["source_kinds"]["params"] == "counted"
+    assert doc["source_kinds"]["flops"] == "measured"
+    # the kind is data; where the prose names one too, they agree (layers.error's prose names none)
+    assert doc["source_kinds"]["layers.error"] == "derived" and not doc["sources"]["layers.error"].startswith("derived")
+    for key, kind in doc["source_kinds"].items():
+        first = doc["sources"][key].split()[0].rstrip(":")
+        assert first not in ("measured", "derived", "counted") or first == kind, (key, kind)

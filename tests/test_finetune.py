@@ -11,13 +11,12 @@ from torch import nn
 import wasi_compress  # noqa: F401  (before timm)
 from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.finetune import FinetuneConfig, finetune, measure_step, resume_path
-from wasi_compress.memory import measure_saved_activations
+from wasi_compress.measure import LiveTensorBytes, SavedActivationMeter, measure_saved_activations
 from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear
 from wasi_compress.passes.capture import capture
 from wasi_compress.passes.training import (
     TrainingPass, block_of, freeze_before, layer_candidates, plan_activation_ranks, to_inference, trained_blocks,
 )
-from wasi_compress.peak_memory import LiveTensorBytes, SavedActivations
 
 torch.set_num_threads(1)
 
@@ -159,10 +158,10 @@ def test_finetune_last_freezes_the_prefix_and_saves_nothing_there():
     assert "cls_token" in frozen and "patch_embed.proj.weight" in frozen and "blocks.0.mlp.fc2.weight" in frozen
     assert model.head.weight.requires_grad and model.blocks[1].attn.qkv.weight.requires_grad
     model.train()
-    with SavedActivations(model, {"prefix": model.patch_embed, "block0": model.blocks[0], "block1": model.blocks[1]}) as saved:
+    with SavedActivationMeter(model, {"prefix": model.patch_embed, "block0": model.blocks[0], "block1": model.blocks[1]}) as saved:
         model(x)
     assert saved.per_module["prefix"] == 0 and saved.per_module["block0"] == 0 and saved.per_module["block1"] > 0
-    # the same figure through memory.measure_saved_activations: about half of the fully trained model
+    # the same figure through measure.measure_saved_activations: about half of the fully trained model
     assert measure_saved_activations(model, x).total_bytes == saved.total_bytes
     assert saved.total_bytes < 0.6 * measure_saved_activations(_tiny(), x).total_bytes
 
@@ -175,7 +174,7 @@ def test_compact_input_linear_matches_linear_and_saves_one_token():
     tokens = torch.randn(4, 5, 8, requires_grad=True)
     grads = []
     for layer in (dense, compact):
-        with SavedActivations(layer, {"layer": layer}) as saved:
+        with SavedActivationMeter(layer, {"layer": layer}) as saved:
             out = layer(tokens[:, 0])
         out.square().sum().backward()
         grads.append((out.detach(), tokens.grad.clone(), dense.weight.grad.clone()))
@@ -256,7 +255,7 @@ def test_measure_step_wasi_below_vanilla():
     # the head reads the class token: vanilla keeps the whole (B, N, dim) norm output, WASI one token
     assert v["per_layer"]["head"]["saved_input"] == 32 * 5 * 32 * 4
     assert w["per_layer"]["head"]["saved_input"] == 32 * 32 * 4
-    with SavedActivations(wasi, {"fc": wasi.blocks[0].mlp.fc1}) as saved:
+    with SavedActivationMeter(wasi, {"fc": wasi.blocks[0].mlp.fc1}) as saved:
         wasi.train()
         wasi(x)
     assert 0 < saved.per_module["fc"] < 32 * 5 * 32 * 4

@@ -300,15 +300,6 @@ def test_storage_bytes_skips_meta_and_non_tensors():
     assert storage_bytes([torch.empty(10, device="meta"), "x", torch.zeros(2)]) == 2 * F32
 
 
-def test_former_names_are_shims_over_the_one_meter():
-    from wasi_compress import memory, peak_memory
-    from wasi_compress.measure import LiveTensorBytes, SavedBytes
-
-    assert peak_memory.SavedActivations is SavedActivationMeter and peak_memory.LiveTensorBytes is LiveTensorBytes
-    assert peak_memory.storage_bytes is storage_bytes and memory.tensor_bytes is storage_bytes
-    assert memory.SavedActivations is SavedBytes and memory.measure_saved_activations is measure_saved_activations
-
-
 # --------------------------------------------------------------------------------------------------
 # analyze/1: every figure's source kind is data (source_kinds), consistent with the prose of sources
 

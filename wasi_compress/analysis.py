@@ -69,7 +69,10 @@ def analyze(
     spec: str | None = None,
     on_progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Analyze a model; returns an analyze/1 document."""
+    """Analyze a model; returns an analyze/1 document. Like every job it leaves its input unchanged:
+    capture rewrites attention and moves tensors to ``device``, so it works on a copy."""
+    import copy
+
     from wasi_compress.passes.capture import capture
 
     if isinstance(loaded, nn.Module):
@@ -78,7 +81,7 @@ def analyze(
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     thresholds = check_thresholds(thresholds)
-    model = loaded.model.to(device)
+    model = copy.deepcopy(loaded.model).to(device)
     size = tuple(input_size) if input_size else loaded.input_size
     x = example_input(size, batch_size, device=device)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)

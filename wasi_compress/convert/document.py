@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from wasi_compress.planner import pareto_front
-
-SCHEMA = "wasi-compress/convert/1"
+from wasi_compress.reports import CONVERT_SCHEMA as SCHEMA, ConvertReport, Source
 PARETO_POINTS = 12
 
 
@@ -27,18 +26,19 @@ def pareto(planned, allocator: str) -> list[dict[str, Any]]:
             for b, e in pareto_front(layers, [b - fixed for b in sweep], allocator)]
 
 
-def sources(config, elem: int) -> dict[str, str]:
+def sources(config, elem: int) -> dict[str, Source]:
     return {
-        "total_bytes": f"derived: parameter elements x {elem} bytes ({config.dtype}), shared tensors once",
-        "original_bytes": f"derived: parameters of the original model x {elem} bytes ({config.dtype})",
-        "layers.bytes": "derived: rank x (in + out) x element size + bias, or in x out x element size + bias when dense",
-        "layers.error": error_scale(config.objective),
-        "params": "counted: parameter elements, shared tensors once",
-        "flops": "measured by fvcore on one example input",
-        "pareto": "derived: the planner's best total error at each budget (whole-model bytes)",
-        "onnx.max_abs_diff": "measured: onnxruntime versus torch on the example input",
-        "accuracy": "measured: top-1 on the dataset's fixed test split",
-        "file_bytes": "measured: size of the written checkpoint",
+        "total_bytes": Source("derived", f"parameter elements x {elem} bytes ({config.dtype}), shared tensors once"),
+        "original_bytes": Source("derived", f"parameters of the original model x {elem} bytes ({config.dtype})"),
+        "layers.bytes": Source("derived", "rank x (in + out) x element size + bias, or in x out x element size + bias "
+                                          "when dense"),
+        "layers.error": Source.worded("derived", error_scale(config.objective)),
+        "params": Source("counted", "parameter elements, shared tensors once"),
+        "flops": Source.worded("measured", "measured by fvcore on one example input"),
+        "pareto": Source("derived", "the planner's best total error at each budget (whole-model bytes)"),
+        "onnx.max_abs_diff": Source("measured", "onnxruntime versus torch on the example input"),
+        "accuracy": Source("measured", "top-1 on the dataset's fixed test split"),
+        "file_bytes": Source("measured", "size of the written checkpoint"),
     }
 
 
@@ -47,8 +47,8 @@ def document(spec: str, config, planned, original: dict[str, Any], converted: di
     """``original`` / ``converted``: {"bytes", "params", "flops", "accuracy"} of each model."""
     elem = config.torch_dtype.itemsize
     the_plan = planned.plan
-    doc: dict[str, Any] = {
-        "schema": SCHEMA, "model": spec, "budget_bytes": config.budget_bytes, "total_bytes": planned.total_bytes,
+    body: dict[str, Any] = {
+        "model": spec, "budget_bytes": config.budget_bytes, "total_bytes": planned.total_bytes,
         "original_bytes": original["bytes"], "dtype": config.dtype, "allocator": config.allocator,
         "objective": config.objective, "error_scale": error_scale(config.objective), "seed": config.seed,
         "resolution_bytes": the_plan.resolution_bytes, "max_slack_bytes": the_plan.max_slack_bytes,
@@ -62,11 +62,11 @@ def document(spec: str, config, planned, original: dict[str, Any], converted: di
         "pareto": pareto(planned, config.allocator),
         "calibration": ({"data": config.calib, "batches": config.calib_batches, "batch_size": config.calib_batch_size}
                         if config.objective == "data" else None),
-        "skipped": planned.skipped, "notes": notes, "sources": sources(config, elem),
+        "skipped": planned.skipped, "notes": notes,
     }
     if original.get("accuracy") is not None:
-        doc["accuracy"] = {"original": original["accuracy"], "converted": converted["accuracy"], "dataset": config.eval}
-    return doc
+        body["accuracy"] = {"original": original["accuracy"], "converted": converted["accuracy"], "dataset": config.eval}
+    return ConvertReport(body, sources(config, elem)).to_dict()
 
 
 def checkpoint_extra(config, planned) -> dict[str, Any]:

@@ -9,16 +9,19 @@ from typing import Any
 
 from torch import nn
 
-from wasi_compress.gates import FINETUNE as SCHEMA
+from wasi_compress.finetune.step_memory import SOURCES as STEP_SOURCES
+from wasi_compress.reports import FinetuneReport, Source
 from wasi_compress.transforms.training import to_inference_
 
 SOURCES = {
-    "final.accuracy": "measured: held-out split after the last epoch",
-    "step_time_median_s": "measured: median wall time of the training steps of this run (forward, backward, "
-                          "optimizer step, re-orthonormalisation), batch preparation excluded",
-    "memory_vanilla": "measured: one step of ordinary fine-tuning (dense linears, exact activations) of the same "
-                      "model with the same optimizer and the same trainable parameters",
+    "final.accuracy": Source("measured", "held-out split after the last epoch"),
+    "step_time_median_s": Source("measured", "median wall time of the training steps of this run (forward, "
+                                 "backward, optimizer step, re-orthonormalisation), batch preparation excluded"),
+    "memory_vanilla": Source("measured", "one step of ordinary fine-tuning (dense linears, exact activations) of "
+                             "the same model with the same optimizer and the same trainable parameters"),
 }
+# the step figures' prose lives beside them, in memory.sources; their kinds are also listed by dotted path
+MEMORY_KINDS = {f"{part}.{k}": s for part in ("memory", "memory_vanilla") for k, s in STEP_SOURCES.items()}
 
 
 def checkpoint_source(config, loaded, num_classes: int | None) -> dict[str, Any] | None:
@@ -52,8 +55,8 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
     def public(m):
         return None if m is None else {k: v for k, v in m.items() if k != "per_layer"}
 
-    doc = {
-        "schema": SCHEMA, "model": config.model, "data": config.data, "method": config.method,
+    body = {
+        "model": config.model, "data": config.data, "method": config.method,
         "update": config.update if config.method == "wasi" else None, "seed": config.seed,
         "optimizer": config.optimizer, "lr": config.effective_lr, "schedule": config.schedule,
         "batch_size": config.batch_size, "threshold": config.threshold if config.method == "wasi" else None,
@@ -65,11 +68,11 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
         "step_time_median_s": statistics.median(run.step_times) if run.step_times else None,
         "activation_plan": run.activation_plan, "activation_planning": run.planning,
         "layers": [layer.to_dict() for layer in run.layers], "output": config.output, "notes": run.notes,
-        "sources": dict(SOURCES), "config": config.to_dict(),
+        "config": config.to_dict(),
     }
     if run.memory is not None:
-        doc["memory_per_layer"] = run.memory["per_layer"]
-    return doc
+        body["memory_per_layer"] = run.memory["per_layer"]
+    return FinetuneReport(body, SOURCES, MEMORY_KINDS if run.memory is not None else {}).to_dict()
 
 
 def output_path(config) -> Path | None:

@@ -13,21 +13,23 @@ from torch import Tensor, nn
 
 from wasi_compress.finetune.steps import after_step_fn, make_run_optimizer, train_step
 from wasi_compress.modules.asi import TuckerCompressor
-from wasi_compress.peak_memory import LiveTensorBytes, SavedActivations, storage_bytes
+from wasi_compress.measure import LiveTensorBytes, SavedActivationMeter, storage_bytes
+from wasi_compress.reports import Source
 
 SOURCES = {
-    "linear_layers_bytes": "measured: per linear layer, its weights (L, R for WASI) + gradients + optimizer state "
-                           "+ the input it saved for backward (Tucker core and factors when compressed)",
-    "saved_activation_bytes": "measured: saved_tensors_hooks over the forward pass, each storage once, "
-                              "parameters and buffers excluded (the peak of saved activations, reached at the end of forward)",
-    "params_bytes": "measured: bytes of the model's parameter and buffer tensors",
-    "grads_bytes": "measured: bytes of the .grad tensors left after backward (none where each "
-                   "optimizer step ran inside backward and dropped its gradient: --step-in-backward)",
-    "optimizer_bytes": "measured: bytes of the optimizer's state tensors after the step",
-    "peak_bytes": "measured: peak of live tensor storage bytes over forward, backward and the optimizer step "
-                  "(TorchDispatchMode over every aten op, storages tracked by weak reference; parameters, "
-                  "optimizer state and the batch included; kernel-internal scratch not counted)",
-    "paper_scope_bytes": "measured: the paper's scope, MLP linears (fc1, fc2) only: their weights + saved inputs",
+    "linear_layers_bytes": Source("measured", "per linear layer, its weights (L, R for WASI) + gradients + optimizer "
+                                  "state + the input it saved for backward (Tucker core and factors when compressed)"),
+    "saved_activation_bytes": Source("measured", "saved_tensors_hooks over the forward pass, each storage once, "
+                                     "parameters and buffers excluded (the peak of saved activations, reached at the "
+                                     "end of forward)"),
+    "params_bytes": Source("measured", "bytes of the model's parameter and buffer tensors"),
+    "grads_bytes": Source("measured", "bytes of the .grad tensors left after backward (none where each "
+                          "optimizer step ran inside backward and dropped its gradient: --step-in-backward)"),
+    "optimizer_bytes": Source("measured", "bytes of the optimizer's state tensors after the step"),
+    "peak_bytes": Source("measured", "peak of live tensor storage bytes over forward, backward and the optimizer step "
+                         "(TorchDispatchMode over every aten op, storages tracked by weak reference; parameters, "
+                         "optimizer state and the batch included; kernel-internal scratch not counted)"),
+    "paper_scope_bytes": Source("measured", "the paper's scope, MLP linears (fc1, fc2) only: their weights + saved inputs"),
 }
 
 
@@ -60,7 +62,7 @@ def measure_step(model: nn.Module, optimizer, x: Tensor, y: Tensor, *, linears: 
     modules = {name: model.get_submodule(name) for name in linears}
     params = list(model.parameters())
     baseline = params + list(model.buffers()) + optimizer_tensors(optimizer) + _compressor_tensors(model) + [x, y]
-    with LiveTensorBytes(baseline) as live, SavedActivations(model, modules) as saved:
+    with LiveTensorBytes(baseline) as live, SavedActivationMeter(model, modules) as saved:
         out = model(x)
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
@@ -76,7 +78,8 @@ def measure_step(model: nn.Module, optimizer, x: Tensor, y: Tensor, *, linears: 
         "linear_layers_bytes": int(linear_bytes), "saved_activation_bytes": int(saved.total_bytes),
         "params_bytes": int(storage_bytes(params + list(model.buffers()))), "grads_bytes": int(grads_bytes),
         "optimizer_bytes": int(storage_bytes(optimizer_tensors(optimizer))), "peak_bytes": int(live.peak_bytes),
-        "paper_scope_bytes": int(paper_bytes), "per_layer": per_layer, "sources": dict(SOURCES),
+        "paper_scope_bytes": int(paper_bytes), "per_layer": per_layer,
+        "sources": {k: s.text for k, s in SOURCES.items()}, "source_kinds": {k: s.kind for k, s in SOURCES.items()},
     }
 
 
