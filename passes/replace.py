@@ -8,6 +8,7 @@ parameter is removed so it is never stored twice."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,8 @@ class ReplaceLinearsPass(WasiPass):
         self.builder = builder
         self.preserves_computation = preserves_computation
         self.replaced: list[Replaced] = []
+        # marks name this instance, so reverse undoes its own replacements only (they survive copies)
+        self.instance = uuid.uuid4().hex
 
     def call(self, module: nn.Module) -> PassResult:
         functional = [s for s in self.sites if s.kind == "functional"]
@@ -71,7 +74,7 @@ class ReplaceLinearsPass(WasiPass):
             raise TypeError(f"{functional[0].name} is a functional linear; pass the captured GraphModule")
         for site in self.sites:
             dense = dense_view(module, site)
-            new = mark_module(self.builder(site, dense), self.name, site=site.name, kind=site.kind)
+            new = mark_module(self.builder(site, dense), self.name, site=site.name, kind=site.kind, instance=self.instance)
             if site.kind == "module":
                 module.set_submodule(site.name, new)
                 self.replaced.append(Replaced(site, site.name))
@@ -111,7 +114,7 @@ class ReplaceLinearsPass(WasiPass):
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         mark(call, self.name, site=site.name, module=type(new).__name__, functional=True, param_owner=param_owner,
-             param_name=param_name, weight_name=site.weight_name, bias_name=site.bias_name)
+             param_name=param_name, weight_name=site.weight_name, bias_name=site.bias_name, instance=self.instance)
         for attr in (weight_node, bias_node if site.bias_name else None):
             if isinstance(attr, fx.Node) and attr.op == "get_attr" and not attr.users:
                 gm.graph.erase_node(attr)
@@ -126,17 +129,20 @@ class ReplaceLinearsPass(WasiPass):
     def reverse(self, module: nn.Module) -> PassResult:
         """Put dense linears back (W = L R for factored modules), found by this pass's marks."""
         if isinstance(module, fx.GraphModule):
-            for call in [n for n in module.graph.nodes if self.name in n.meta.get(META_KEY, {})
+            for call in [n for n in module.graph.nodes if self._own(n.meta.get(META_KEY, {}).get(self.name))
                          and n.meta[META_KEY][self.name].get("functional")]:
                 self._restore_functional(module, call, call.meta[META_KEY][self.name])
         for name, m, info in list(marked_modules(module, self.name)):
-            if info["kind"] == "module":
+            if info["kind"] == "module" and self._own(info):
                 module.set_submodule(name, m.to_linear())
         if isinstance(module, fx.GraphModule):
             module.graph.lint()
             module.recompile()
         self.replaced.clear()
         return PassResult(module, True)
+
+    def _own(self, info: dict | None) -> bool:
+        return info is not None and info.get("instance") == self.instance
 
     def _restore_functional(self, gm: fx.GraphModule, call: fx.Node, info: dict) -> None:
         """The F.linear call (and its raw parameters) that `_rewrite_functional` replaced by `call`."""

@@ -122,7 +122,7 @@ class TrainingPass(WasiPass):
     ``weight_ranks`` / ``activation_ranks`` (site name -> rank / Tucker ranks or None for an exact saved
     input) override ``threshold`` / ``activation_threshold`` per layer; this is how a planned or saved
     choice is rebuilt exactly. ``lr`` and ``weight_decay`` are the subspace-iteration layers' own SGD
-    settings (the rule updates L, R inside backward); the factored rule takes them from the optimizer."""
+    settings (the rule updates L, R inside backward); the optimizer-step rule takes them from the optimizer."""
 
     name = "training_modules"
     reversible = True  # reverse = to_inference: the trained layers in their inference form

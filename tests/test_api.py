@@ -210,3 +210,43 @@ def test_reports_carry_each_figures_source_kind_as_data(vit_models):
     for key, kind in doc["source_kinds"].items():
         first = doc["sources"][key].split()[0].rstrip(":")
         assert first not in ("measured", "derived", "counted") or first == kind, (key, kind)
+
+
+def test_a_failed_commit_restores_the_files_it_replaced(tmp_path):
+    from wasi_compress.outputs import Outputs
+
+    ckpt, state = tmp_path / "m.safetensors", tmp_path / "m.safetensors.resume.pt"
+    ckpt.write_text("epoch 1")
+    outputs = Outputs()
+    outputs.stage(ckpt, lambda tmp: tmp.write_text("epoch 2"))
+    outputs.stage(state, lambda tmp: tmp.write_text("state 2"))
+
+    def fail():
+        raise OSError("disk full")
+
+    outputs.then(fail)
+    with pytest.raises(OSError):
+        outputs.commit()
+    assert ckpt.read_text() == "epoch 1" and not state.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporaries left
+
+
+def test_a_pass_reverses_only_its_own_replacements(vit_models):
+    from wasi_compress.passes.capture import capture
+    from wasi_compress.passes.replace import ReplaceLinearsPass
+
+    model = _tiny(vit_models)
+    cap = capture(model, _batch()[0][:2])
+    by_name = {s.name: s for s in cap.sites}
+
+    def rank2(site, dense):
+        return SubspaceLinear.from_linear(dense, rank=2)
+
+    first = ReplaceLinearsPass([by_name["blocks.0.mlp.fc1"]], rank2)
+    second = ReplaceLinearsPass([by_name["blocks.0.mlp.fc2"]], rank2)
+    first(model)
+    second(model)
+    second.reverse(copy.deepcopy(model))  # marks survive a copy; the original keeps both
+    second.reverse(model)
+    assert isinstance(model.blocks[0].mlp.fc1, SubspaceLinear)
+    assert type(model.blocks[0].mlp.fc2) is torch.nn.Linear

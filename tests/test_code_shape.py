@@ -26,3 +26,15 @@ def test_no_library_function_is_over_60_lines(path):
 def test_jobs_compose_the_transforms(job, transform):
     source = (ROOT / "wasi_compress" / job).read_text()
     assert f"{transform}(" in source
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists packages explicitly (passes/ and cli/ are mapped inside wasi_compress): a folder
+    left out would be missing from a wheel although an editable install hides it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"wasi_compress." + ".".join(p.parent.relative_to(ROOT / "wasi_compress").parts) if p.parent != ROOT / "wasi_compress"
+             else "wasi_compress" for p in (ROOT / "wasi_compress").rglob("__init__.py")}
+    found |= {"wasi_compress.passes", "wasi_compress.cli"}
+    assert found == listed

@@ -48,7 +48,8 @@ _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out
 _MODULE_KINDS = {"subspace": SubspaceLinear}
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
-_MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size")
+_MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size",
+                "wasi_compress_source")  # the last: how wasi_compress.load built it (transforms/persist.py)
 
 
 def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:

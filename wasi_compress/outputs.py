@@ -1,7 +1,8 @@
 """All-or-nothing outputs for every job: each file is first written beside its target under a temporary
 name; `commit` renames them into place in order and runs the writers that keep their own atomicity
-(a report folder, JSON on stdout). If anything fails, what this set wrote is removed, so an interrupted
-or failed command never leaves a half-written output or a partial set behind."""
+(a report folder, JSON on stdout). If anything fails, what this set wrote is removed and any file it
+replaced is put back, so an interrupted or failed command never leaves a half-written output or a
+partial set behind, and never loses the previous complete one (last epoch's checkpoint, say)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,17 @@ class Outputs:
         self._writers.append(writer)
 
     def commit(self) -> list[Path]:
-        """Put every output in place; on failure remove what this commit wrote, then re-raise."""
+        """Put every output in place; on failure remove what this commit wrote and restore the files it
+        replaced, then re-raise."""
         written: list[Path] = []
+        replaced: list[tuple[Path, Path]] = []  # (backup, final)
         try:
             for tmp, final in self._moves:
                 _keep_default_permissions(tmp)
+                if final.is_file():
+                    backup = tmp.with_name(tmp.name + ".previous")
+                    os.replace(final, backup)
+                    replaced.append((backup, final))
                 os.replace(tmp, final)
                 written.append(final)
             for writer in self._writers:
@@ -59,6 +66,8 @@ class Outputs:
         except BaseException:
             for path in written:
                 Path(path).unlink(missing_ok=True)
+            for backup, final in replaced:
+                os.replace(backup, final)
             raise
         finally:
             self._moves.clear()

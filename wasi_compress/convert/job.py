@@ -112,7 +112,7 @@ def _plan(work: nn.Module, config: ConvertConfig, x, calib, spec: str, progress)
         raise InfeasibleBudgetError(
             f"budget {config.budget_bytes} bytes ({format_bytes(config.budget_bytes)}) is infeasible for {spec} "
             f"in {config.dtype}: the smallest feasible budget is {floor} bytes ({format_bytes(floor)}): every linear "
-            f"at its smallest rank plus {exc.fixed_bytes} bytes of other parameters", floor) from None
+            f"at its smallest rank plus {getattr(exc, 'fixed_bytes', 0)} bytes of other parameters", floor) from None
     except UserError as exc:
         if str(exc).startswith("no linear layer"):
             raise UserError(f"{spec}: {exc}") from None

@@ -3,8 +3,6 @@ and the structure of subspace layers converted earlier (a checkpoint given as MO
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from wasi_compress.architectures import is_architecture

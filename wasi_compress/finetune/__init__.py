@@ -31,7 +31,7 @@ tensors held after backward. The vanilla baseline is always measured with an ord
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised (gloo on CPU,
 nccl on CUDA), the model is wrapped in DistributedDataParallel and each global batch of ``batch_size``
-images is split across the processes. The factored rule (and asi, vanilla) work under DDP; the
+images is split across the processes. The optimizer-step rule (and asi, vanilla) work under DDP; the
 subspace-iteration rule is refused, because its in-backward update uses the local gradient only and the
 replicas would drift apart. Rank 0 measures, evaluates and writes the outputs::
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -28,8 +27,10 @@ def checkpoint_source(config, loaded, num_classes: int | None) -> dict[str, Any]
     """The architecture the checkpoint records (None: a pickled module names none)."""
     from wasi_compress.architectures import checkpoint_source
 
+    # a checkpoint MODEL records its own classes; only a classifier reset here changes them
+    recorded = num_classes if (num_classes is not None or loaded.metadata) else config.num_classes
     return checkpoint_source(config.model, arch=config.arch, img_size=config.img_size, metadata=loaded.metadata,
-                             num_classes=num_classes if num_classes is not None else config.num_classes)
+                             num_classes=recorded)
 
 
 def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra) -> None:
@@ -74,6 +75,3 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
         body["memory_per_layer"] = run.memory["per_layer"]
     return FinetuneReport(body, SOURCES, MEMORY_KINDS if run.memory is not None else {}).to_dict()
 
-
-def output_path(config) -> Path | None:
-    return Path(config.output) if config.output else None

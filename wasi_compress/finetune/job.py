@@ -131,10 +131,11 @@ class FinetuneRun:
                                    weight_ranks=None if state is None else state["weight_ranks"],
                                    activation_ranks=None if state is None else state["activation_ranks"])
         self.handle, self.model, self.layers = handle, handle.model, handle.layers
-        if twin is not None:
+        if twin is not None:  # the same trainable parameters as the run (finetune_last froze some)
             frozen = set(handle.frozen)
             for name, p in twin.named_parameters():
-                p.requires_grad_(name not in frozen)
+                if name in frozen:
+                    p.requires_grad_(False)
         self.dense_twin = twin
         self._plan_of(handle)
         self._prepare_notes(handle)
@@ -275,10 +276,16 @@ class FinetuneRun:
                     write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source,
                                      self._checkpoint_meta(epochs_done=0))
                 if config.json_path:
-                    outputs.then(lambda: fileio.write_json(config.json_path, doc))
+                    outputs.then(lambda: _json(config.json_path, doc))
                 if config.report_dir:
                     from wasi_compress.report_html import write_report
 
                     outputs.then(lambda: write_report(config.report_dir, finetune=doc))
                 outputs.commit()
         return FinetuneResult(doc, self.model, Path(config.output) if config.output else None, self.notes)
+
+
+def _json(path: str, doc: dict[str, Any]) -> Path | None:
+    """Write the document (to stdout for '-'); the path written, so a failed commit removes it."""
+    fileio.write_json(path, doc)
+    return None if path == "-" else Path(path)

@@ -7,7 +7,8 @@
     save(model, "m.safetensors"); model = load("m.safetensors")
 
 One rule for in place versus copy: transforms (names ending in ``_``) change the model you pass and
-return what they decided; jobs (`convert`, `finetune`, `analyze`) never change their input. A model
+return what they decided; the analysis and conversion jobs (`analyze`, `convert`) never change their
+input; `finetune` trains the model it loads (a LoadedModel passed to it is trained in place). A model
 whose functional linears (F.linear on raw parameters) are rewritten can only change in its traced
 graph: then the returned ``.model`` is that GraphModule, so always continue with ``.model``.
 
@@ -42,7 +43,7 @@ def register_transform(config_type: type) -> Callable[[Callable[..., Any]], Call
 
 def apply_(model: nn.Module, config: TransformConfig, **kwargs: Any) -> Any:
     """Apply the transform registered for ``type(config)`` to `model`, in place."""
-    handler = _HANDLERS.get(type(config))
+    handler = next((_HANDLERS[t] for t in type(config).__mro__ if t in _HANDLERS), None)
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise TypeError(f"no transform is registered for {type(config).__name__}; known: {known}")
