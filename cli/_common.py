@@ -23,6 +23,13 @@ def format_count(n: float | None) -> str:
     return str(int(n))
 
 
+def _positive_classes(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """--num-classes is refused below 1 as one line (a UserError, not click's usage block)."""
+    if value is not None and value < 1:
+        raise UserError(f"--num-classes: {value} is not a number of classes; give 1 or more")
+    return value
+
+
 def model_options(f: Callable) -> Callable:
     """MODEL plus the options that say how to load it (see wasi_compress.loading)."""
     decorators = [
@@ -30,7 +37,10 @@ def model_options(f: Callable) -> Callable:
         click.option("--arch", default=None, help="Architecture for a weights file: timm:<name> or package.module:factory."),
         click.option("--weights", default=None, type=click.Path(dir_okay=False), help="Weights for MODEL given as an architecture."),
         click.option("--trust-pickle", is_flag=True, help="Allow unpickling a torch file (can run code: only for files you trust)."),
-        click.option("--num-classes", type=int, default=None, help="Classifier size, passed to timm or the factory."),
+        click.option("--trust-code", is_flag=True,
+                     help="Let a checkpoint whose metadata names a package.module:factory import and call it (only for files you trust)."),
+        click.option("--num-classes", type=int, default=None, callback=_positive_classes,
+                     help="Classifier size (1 or more), passed to timm or the factory."),
         click.option("--img-size", type=int, default=None, help="Input resolution, passed to timm or the factory."),
     ]
     for d in reversed(decorators):
@@ -38,10 +48,10 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-def load_from_options(model: str, arch, weights, trust_pickle, num_classes, img_size):
+def load_from_options(model: str, arch, weights, trust_pickle, trust_code, num_classes, img_size):
     from wasi_compress.loading import load_model
 
-    return load_model(model, arch=arch, weights=weights, trust_pickle=trust_pickle,
+    return load_model(model, arch=arch, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code,
                       num_classes=num_classes, img_size=img_size)
 
 
@@ -103,3 +113,14 @@ def wraps_user_errors(f: Callable) -> Callable:
             raise UserError(f"{name} failed: {first}") from exc
 
     return wrapper
+
+
+_CONTROL = {c: None for c in range(32) if c not in (9,)} | {127: None}
+
+
+def plain(text) -> str:
+    """Text for the terminal that came from a file or a model (notes, names): control characters
+    (ANSI escapes that rewrite the screen) dropped, rich markup escaped, so it is shown, never obeyed."""
+    from rich.markup import escape
+
+    return escape(str(text).translate(_CONTROL))

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from wasi_compress.cli._common import (
     format_count as _count,
-    check_device, console_for, device_option, load_from_options, model_options, parse_float_list, progress_bar,
+    check_device, console_for, device_option, load_from_options, model_options, parse_float_list, plain, progress_bar,
     wraps_user_errors,
 )
 from wasi_compress.errors import UserError
@@ -53,12 +53,31 @@ def render(doc: dict, console) -> None:
     for row in rows:
         summary.add_row(*row)
     console.print(summary)
+    if "saved_by_family" in tot:
+        console.print(_family_table(tot["saved_by_family"], tm["saved_activation_bytes"]))
     if doc.get("capture_note"):
-        console.print(f"[yellow]note:[/] {doc['capture_note']}", highlight=False)
+        console.print(f"[yellow]note:[/] {plain(doc['capture_note'])}", highlight=False)
     for item in doc["skipped"]:
         console.print(f"[yellow]skipped[/] {item['name']}: {item['reason']}", highlight=False)
     for note in doc.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {plain(note)}", highlight=False)
+
+
+FAMILY_LABELS = {"linear_inputs": "linear inputs", "layernorm": "LayerNorm", "activation": "activation functions",
+                 "attention": "attention", "other": "other"}
+
+
+def _family_table(by_family: dict[str, int], total: int) -> Table:
+    """Saved-for-backward bytes by op family (measured), with each family's share of the total."""
+    table = Table(title="saved for backward, by op family (measured)", title_justify="left")
+    table.add_column("op family")
+    table.add_column("bytes", justify="right")
+    table.add_column("%", justify="right")
+    for family, nbytes in by_family.items():
+        share = f"{100 * nbytes / total:.1f}%" if total else "n/a"
+        table.add_row(FAMILY_LABELS.get(family, family), format_bytes(nbytes), share)
+    table.add_row("total", format_bytes(total), "100.0%" if total else "n/a")
+    return table
 
 
 @click.command("analyze")
@@ -70,7 +89,7 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, num_classes, img_size, batch_size, input_size, thresholds,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, batch_size, input_size, thresholds,
             json_path, report_dir, device):
     """Show, per linear layer, how compressible MODEL is and where its training memory goes."""
     from wasi_compress.analysis import analyze
@@ -85,7 +104,10 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, batch_siz
             size = ()
         if len(size) != 3 or min(size) < 1:
             raise UserError(f"--input-size: expected C,H,W such as 3,224,224, got {input_size!r}")
-    loaded = load_from_options(model, arch, weights, trust_pickle, num_classes, img_size)
+    from wasi_compress.outputs import check_paths, report_html
+
+    check_paths({"MODEL": model, "--weights": weights}, {"--json": json_path, "--report": report_html(report_dir)})
+    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
     with progress_bar(console, "analyzing") as on_progress:
         doc = analyze(loaded, batch_size=batch_size, input_size=size,
                       thresholds=parse_float_list(thresholds, "--thresholds"), device=check_device(device),

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wasi_compress import gates
+from wasi_compress.errors import UserError
 from wasi_compress.fileio import write_json, write_text_atomic
 from wasi_compress.units import format_bytes
 
@@ -154,12 +155,29 @@ def command(ctx: click.Context, target: str, config_path: Path | None, batch_siz
     is then analyzed. Gates come from the options and from the gates table of a configuration file; the
     options win. Exit status: 0 when every gate passes, 1 when any fails, 2 on bad usage or input,
     including a gate whose figure the report does not record."""
+    try:
+        passed = _check(target, config_path, batch_size, junit, markdown, json_path, options)
+    except (UserError, click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+        raise
+    except Exception as exc:  # a crash must never read as a verdict: exit 1 means "a gate failed"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"check stopped on an unexpected error, not a gate verdict: {type(exc).__name__}"
+                        + (f": {first}" if first else "")) from exc
+    ctx.exit(0 if passed else 1)
+
+
+def _check(target: str, config_path: Path | None, batch_size: int, junit: Path | None, markdown: Path | None,
+           json_path: str | None, options: dict) -> bool:
+    """The check itself; True when every gate passes."""
     config_path = config_path or gates.find_config(Path.cwd())
     settings = gates.load_config(config_path) if config_path else {}
     command_line = {key.replace("_", "-"): value for key, value in options.items()}
     settings.update(gates.parse_settings(command_line))
     limits = gates.Limits.from_settings(settings)
+    from wasi_compress.outputs import check_paths
 
+    check_paths({"TARGET": target, "--config": config_path, "--baseline": limits.baseline},
+                {"--junit": junit, "--markdown": markdown, "--json": json_path})  # before any work
     report = _load_target(target, batch_size)
     baseline = gates.load_report(limits.baseline) if limits.baseline is not None else None
     result = gates.evaluate(report, limits, target=target, baseline=baseline,
@@ -179,4 +197,4 @@ def command(ctx: click.Context, target: str, config_path: Path | None, batch_siz
         write_text_atomic(markdown, render_markdown(result))
     if json_path:
         write_json(json_path, result.to_json())
-    ctx.exit(0 if result.passed else 1)
+    return result.passed

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from wasi_compress.cli._common import (
     format_count as _count,
-    console_for, device_option, load_from_options, model_options, progress_bar, wraps_user_errors,
+    console_for, device_option, load_from_options, model_options, plain, progress_bar, wraps_user_errors,
 )
 from wasi_compress.units import format_bytes
 
@@ -60,7 +60,7 @@ def render(doc: dict, console) -> None:
     for item in doc.get("skipped", []):
         console.print(f"[yellow]skipped[/] {item['name']}: {item['reason']}", highlight=False)
     for note in doc.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {plain(note)}", highlight=False)
 
 
 @click.command("convert")
@@ -87,7 +87,7 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, num_classes, img_size, budget, output, dtype, allocator, objective,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, budget, output, dtype, allocator, objective,
             calib, calib_batches, rank_multiple, rank_grid, thresholds, onnx_path, json_path, eval_data, seed,
             report_dir, device):
     """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
@@ -99,7 +99,11 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, budget, o
                            calib_batches=calib_batches, rank_multiple=rank_multiple, rank_grid=rank_grid,
                            thresholds=thresholds, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
                            json=json_path, report=report_dir, device=device)
-    loaded = load_from_options(model, arch, weights, trust_pickle, num_classes, img_size)
+    from wasi_compress.convert.job import output_paths
+    from wasi_compress.outputs import check_paths
+
+    check_paths({"MODEL": model, "--weights": weights}, output_paths(config))  # before any work
+    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
     source = None if loaded.metadata else checkpoint_source(model, arch=arch, num_classes=num_classes, img_size=img_size)
     # progress on stderr: stdout only ever carries results (and stays empty on an error)
     with progress_bar(Console(stderr=True), "converting") as on_progress:

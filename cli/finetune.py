@@ -14,7 +14,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from wasi_compress.cli._common import check_device, console_for, device_option, model_options, wraps_user_errors
+from wasi_compress.cli._common import check_device, console_for, device_option, model_options, plain, wraps_user_errors
 from wasi_compress.units import format_bytes
 
 _MEMORY_ROWS = (
@@ -53,7 +53,7 @@ def render(doc: dict, console) -> None:
                       f"{format_bytes(planning.get('budget_bytes', 0))} budget, total relative gradient error "
                       f"{planning.get('total_error', 0):.3f}")
     for note in doc.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {plain(note)}", highlight=False)
 
 
 @click.command("finetune")
@@ -89,7 +89,7 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and plots here.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, num_classes, img_size, data, method, update, threshold,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, data, method, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
             step_in_backward, finetune_last, seed, resume, output, json_path, report_dir, device):
     """Fine-tune MODEL on --data in its weight subspace with compressed activations, and measure memory and
@@ -106,7 +106,7 @@ def command(model, arch, weights, trust_pickle, num_classes, img_size, data, met
         batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
         step_in_backward=step_in_backward, finetune_last=finetune_last, seed=seed, resume=resume, output=output,
         json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
-        trust_pickle=trust_pickle, num_classes=num_classes, img_size=img_size)
+        trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"), TimeElapsedColumn(),

@@ -23,6 +23,8 @@ LAYER_KEYS = {"name", "role", "kind", "in_features", "out_features", "params", "
 TOP_KEYS = {"schema", "model", "capture", "capture_note", "batch_size", "input_shape", "dtype", "thresholds", "layers",
             "totals", "skipped", "notes", "sources", "source_kinds"}
 TRAIN_MEMORY_KEYS = {"params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "total_bytes", "sources"}
+TOTALS_KEYS = {"params", "weight_bytes", "flops", "flops_convention", "train_memory", "saved_by_family", "linear"}
+FAMILY_KEYS = {"linear_inputs", "layernorm", "activation", "attention", "other"}
 
 
 def _brute_break_even(out_f: int, in_f: int) -> int:
@@ -95,6 +97,10 @@ def test_analyze_mlp_by_hand():
     lin = totals["linear"]
     assert (lin["params"], lin["weight_bytes"], lin["flops"]) == (212, 848, 576)
     assert lin["train_memory"]["saved_activation_bytes"] == 288  # the two linears' inputs
+    # by op family: the linears' inputs, and GELU's own saved input (fc1's output, 3 x 16)
+    assert totals["saved_by_family"] == {"linear_inputs": 288, "layernorm": 0, "activation": 3 * 16 * F32,
+                                         "attention": 0, "other": 0}
+    assert doc["source_kinds"]["totals.saved_by_family"] == "measured"
 
 
 def test_analyze_hand_written_vit_finds_every_linear_with_the_functional_head(vit_models):
@@ -129,7 +135,25 @@ def test_analyze_hand_written_vit_finds_every_linear_with_the_functional_head(vi
     assert measured == sum(l["activation_bytes"] for l in layers[:-1]) + 2 * tokens * dim * F32
     assert totals["train_memory"]["saved_activation_bytes"] > measured
     assert set(totals["train_memory"]) == TRAIN_MEMORY_KEYS
+    assert set(totals) == TOTALS_KEYS and set(totals["saved_by_family"]) == FAMILY_KEYS
+    by_family = totals["saved_by_family"]
+    assert sum(by_family.values()) == totals["train_memory"]["saved_activation_bytes"]
+    assert by_family["linear_inputs"] == measured
+    assert by_family["layernorm"] > 0 and by_family["activation"] > 0 and by_family["attention"] > 0
     json.dumps(doc)  # plain JSON types only
+
+
+def test_analyze_tiny_timm_vit_saved_by_family(vit_models):
+    """timm's ViT: every op family saves something for backward; the families add up to the measured total
+    exactly and linear inputs are the linear layers' figure."""
+    doc = analyze(load_model("vit_models:tiny_timm_vit"), batch_size=2)
+    totals = doc["totals"]
+    by_family = totals["saved_by_family"]
+    assert set(totals) == TOTALS_KEYS and set(by_family) == FAMILY_KEYS
+    assert sum(by_family.values()) == totals["train_memory"]["saved_activation_bytes"]
+    assert by_family["linear_inputs"] == totals["linear"]["train_memory"]["saved_activation_bytes"]
+    assert min(by_family["layernorm"], by_family["activation"], by_family["attention"]) > 0
+    assert doc["source_kinds"]["totals.saved_by_family"] == "measured"
 
 
 def test_analyze_multihead_attention_vit(vit_models):
@@ -184,7 +208,7 @@ def test_documented_layer_keys_match():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "schemas.md").read_text()
     section = text.split("## `wasi-compress/analyze/1`")[1].split("## ")[0]
-    for key in LAYER_KEYS | TOP_KEYS | TRAIN_MEMORY_KEYS:
+    for key in LAYER_KEYS | TOP_KEYS | TRAIN_MEMORY_KEYS | TOTALS_KEYS:
         assert f"`{key}`" in section, key
 
 
@@ -220,6 +244,8 @@ def test_cli_without_json_prints_tables(cli):
     assert result.exit_code == 0, result.output
     assert "capture: hooks" in result.stdout and "fx could not trace" in result.stdout
     assert "saved activations" in result.stdout and "measured" in result.stdout
+    assert "saved for backward, by op family" in result.stdout
+    assert all(label in result.stdout for label in ("linear inputs", "LayerNorm", "activation functions", "attention"))
 
 
 def test_cli_state_dict_with_arch(cli, tmp_path, vit_models):
@@ -311,3 +337,6 @@ def test_vit_base_patch32_done_when(cli):
     # every block linear's input, plus the head's input: a view of the final norm output (8, 50, 768)
     assert linear_saved == sum(l["activation_bytes"] for l in blocks) + b * n * 768 * 4
     assert totals["train_memory"]["saved_activation_bytes"] > linear_saved
+    by_family = totals["saved_by_family"]
+    assert sum(by_family.values()) == totals["train_memory"]["saved_activation_bytes"]
+    assert by_family["linear_inputs"] == linear_saved

@@ -362,7 +362,7 @@ def test_command_end_to_end(spec, tmp_path):
     assert keys <= set(doc["memory"]) and keys <= set(doc["memory_vanilla"])
     assert doc["memory"]["linear_layers_bytes"] < doc["memory_vanilla"]["linear_layers_bytes"]
     assert doc["step_time_median_s"] > 0 and (tmp_path / "report" / "report.html").exists()
-    loaded = load_model(str(out))  # OUT is a MODEL
+    loaded = load_model(str(out), trust_code=True)  # OUT is a MODEL (it names our own test factory)
     assert isinstance(loaded.model.blocks[1].mlp.fc1, SubspaceLinear) and type(loaded.model.head) is nn.Linear
     assert loaded.metadata["finetune"]["epochs_done"] == 1
     # infeasible activation budget: one line naming the smallest feasible budget, exit 2
@@ -393,7 +393,7 @@ def test_adapted_images_and_classifier_reset(spec, tmp_path):
     assert not result.model.blocks[0].mlp.fc1.weight.requires_grad and not result.model.cls_token.requires_grad
     from wasi_compress.loading import load_model
 
-    assert load_model(str(tmp_path / "o.safetensors")).num_classes == 3
+    assert load_model(str(tmp_path / "o.safetensors"), trust_code=True).num_classes == 3
 
 
 def test_subspace_iteration_is_refused_under_ddp(monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi_compress.flops import count_flops
-from wasi_compress.measure import SavedActivationMeter, measure_saved_activations, storage_bytes, train_memory
+from wasi_compress.measure import FAMILIES, SavedActivationMeter, measure_saved_activations, storage_bytes, train_memory
 
 F32 = 4  # bytes per float32 element
 
@@ -294,6 +294,84 @@ def test_meter_excludes_parameters_buffers_and_is_removed_on_exit():
     before = meter.total_bytes
     model(torch.randn(5, 4))  # hooks removed: nothing more is counted
     assert meter.total_bytes == before and not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+
+
+# --------------------------------------------------------------------------------------------------
+# by op family: linear inputs, LayerNorm, activation functions, attention, other
+
+
+def _families(**nonzero: int) -> dict[str, int]:
+    return {family: nonzero.get(family, 0) for family in FAMILIES}
+
+
+def test_families_of_the_mlps_by_hand():
+    """ReLU's saved output is fc2's input: a linear input, so the ReLU MLP saves nothing else; GELU keeps
+    its input (fc1's output, 3 x 16) besides: an activation."""
+    relu, gelu = _mlp(nn.ReLU()), _mlp(nn.GELU())
+    by_relu = measure_saved_activations(relu, torch.randn(3, 8), linear_weights=_weights(relu)).per_family
+    by_gelu = measure_saved_activations(gelu, torch.randn(3, 8), linear_weights=_weights(gelu)).per_family
+    assert by_relu == _families(linear_inputs=288)
+    assert by_gelu == _families(linear_inputs=288, activation=3 * 16 * F32)
+
+
+def test_a_model_without_norms_or_attention_saves_none_for_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    saved = measure_saved_activations(model, torch.randn(5, 8), linear_weights=_weights(model))
+    assert sum(saved.per_family.values()) == saved.total_bytes
+    assert saved.per_family["linear_inputs"] == saved.linear_input_bytes
+    assert saved.per_family["layernorm"] == 0 and saved.per_family["attention"] == 0
+
+
+def test_functional_ops_are_attributed_without_their_modules():
+    """F.layer_norm, F.silu and F.scaled_dot_product_attention called in a plain module's forward: the
+    functional op running when a tensor is saved decides its family."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            h = F.layer_norm(x * 2, (8,), self.w)  # saves x * 2 (and its mean, rstd)
+            h = F.silu(h * 3)  # saves h * 3
+            q = h.unsqueeze(1) * 4
+            return F.scaled_dot_product_attention(q, q, q)
+
+    saved = measure_saved_activations(Functional(), torch.randn(2, 5, 8))
+    fam = saved.per_family
+    assert fam["layernorm"] >= 2 * 5 * 8 * F32 and fam["activation"] == 2 * 5 * 8 * F32 and fam["attention"] > 0
+    assert fam["linear_inputs"] == 0 and sum(fam.values()) == saved.total_bytes
+
+
+def test_tiny_timm_vit_families(vit_models):
+    """On timm's ViT every family saves something; linear inputs are exactly the per-linear figure and the
+    families add up to the whole."""
+    from wasi_compress.analysis import site_modules
+    from wasi_compress.passes.capture import capture
+
+    model = vit_models.tiny_timm_vit()
+    x = torch.randn(2, 1, 8, 8)
+    cap = capture(model, x)
+    saved = measure_saved_activations(model, x, linear_weights={s.name: site_modules(model, s) for s in cap.sites})
+    fam = saved.per_family
+    assert set(fam) == set(FAMILIES) and sum(fam.values()) == saved.total_bytes
+    assert fam["linear_inputs"] == saved.linear_input_bytes == sum(saved.per_linear.values()) > 0
+    assert fam["layernorm"] > 0 and fam["activation"] > 0 and fam["attention"] > 0
+    assert fam["other"] >= 2 * 1 * 8 * 8 * F32  # the patch embedding's convolution keeps the image
+
+
+def test_meter_by_family_is_opt_in_and_leaves_no_hooks():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU())
+    with SavedActivationMeter(model) as plain:
+        model(torch.randn(3, 8))
+    assert plain.per_family == _families(other=plain.total_bytes)  # no families asked for: all "other"
+    with SavedActivationMeter(model, by_family=True, linear_weights=_weights(model)) as meter:
+        model(torch.randn(3, 8))
+    assert meter.per_family["linear_inputs"] == 3 * 8 * F32
+    assert meter.per_family["layernorm"] > 0 and meter.per_family["activation"] == 3 * 8 * F32
+    assert sum(meter.per_family.values()) == meter.total_bytes
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_storage_bytes_skips_meta_and_non_tensors():

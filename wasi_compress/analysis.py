@@ -14,7 +14,7 @@ from torch import nn
 from wasi_compress.errors import UserError
 from wasi_compress.inputs import data_config, example_input
 from wasi_compress.loading import LoadedModel, load_model
-from wasi_compress.measure import measure_saved_activations, train_memory
+from wasi_compress.measure import FAMILIES, measure_saved_activations, train_memory
 from wasi_compress.measure.train_memory import TRAIN_MEMORY_SOURCES
 from wasi_compress.reports import ANALYZE_SCHEMA, AnalyzeReport, Source
 from wasi_compress.spectrum import break_even_rank, ranks_for_thresholds, singular_values
@@ -115,7 +115,7 @@ def analyze(
         "layers": layers,
         "totals": _totals(model, cap.sites, layers, total_flops, saved),
         "skipped": cap.skipped,
-        "notes": notes + loaded.metadata.get("notes", []),
+        "notes": notes + _file_notes(loaded.metadata),
     }
     return AnalyzeReport(body, ANALYZE_SOURCES, _TRAIN_MEMORY_KINDS).to_dict()
 
@@ -165,6 +165,7 @@ def _totals(model: nn.Module, sites, layers: list[dict], total_flops: int | None
         "flops": total_flops,
         "flops_convention": CONVENTION,
         "train_memory": train_memory(all_params, saved.total_bytes),
+        "saved_by_family": {family: saved.per_family.get(family, 0) for family in FAMILIES},
         "linear": {
             "params": sum(p.numel() for p in linear_params),
             "weight_bytes": sum(p.numel() * p.element_size() for p in linear_params),
@@ -180,6 +181,10 @@ ANALYZE_SOURCES: dict[str, Source | str] = {
     "layers.flops": Source("derived", "rows x in x out multiply-adds (x rank (in + out) for factored layers), fvcore convention"),
     "totals.flops": Source.worded("measured", "measured by fvcore on the example batch"),
     "totals.train_memory": "see train_memory.sources",  # a pointer, not a figure: no kind
+    "totals.saved_by_family": Source("measured", "the saved activations of one training step "
+                                     "(saved_tensors_hooks, each storage once) by the op family that saved "
+                                     "them: inputs of linear layers first, then the functional op or the "
+                                     "innermost norm, activation or attention module running; the rest is other"),
 }
 # the train_memory figures keep their prose beside them (train_memory.sources); their kinds go in the
 # document's source_kinds under the figures' dotted paths
@@ -211,3 +216,9 @@ def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 def _key(threshold: float) -> str:
     return repr(float(threshold)) if threshold != int(threshold) else str(threshold)
+
+
+def _file_notes(metadata: dict[str, Any]) -> list[str]:
+    """A checkpoint's own notes: data from a file, kept only as a list of strings."""
+    notes = metadata.get("notes")
+    return [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []

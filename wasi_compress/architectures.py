@@ -55,10 +55,24 @@ def builtin_architectures() -> dict[str, Architecture]:
     return dict(_REGISTRY)
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_TRUSTED_PREFIXES = ("timm:", "builtin:")  # the two kinds that import nothing outside timm and this package
+
+
 def is_architecture(spec: str) -> bool:
-    """Whether a MODEL string names an architecture rather than a file."""
+    """Whether a MODEL string names an architecture rather than a file. A path-looking string (a path
+    separator, a weights suffix, or an existing file) is a path, never an import: ``models:v2.safetensors``
+    is a missing file, not the module ``models``."""
     spec = spec.strip()
-    return spec.startswith(("timm:", "builtin:")) or (":" in spec and not Path(spec).exists())
+    if spec.startswith(_TRUSTED_PREFIXES):
+        return True
+    looks_like_path = "/" in spec or "\\" in spec or spec.lower().endswith(_WEIGHT_SUFFIXES)
+    return ":" in spec and not looks_like_path and not Path(spec).exists()
+
+
+def runs_code(arch: str) -> bool:
+    """Whether building `arch` imports and calls code named by the string (a package.module:factory)."""
+    return not arch.strip().startswith(_TRUSTED_PREFIXES)
 
 
 def build_architecture(spec: str, *, num_classes: int | None = None, img_size: int | None = None,

@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from wasi_compress import _compat  # noqa: F401  (before timm)
-from wasi_compress.architectures import build_architecture, builtin_architectures
+from wasi_compress.architectures import build_architecture, builtin_architectures, runs_code
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
 from wasi_compress.inputs import data_config, example_input
@@ -145,11 +145,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, source: dict[s
     return Path(path)
 
 
-def restore(path: str | os.PathLike, metadata: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
+def restore(path: str | os.PathLike, metadata: dict[str, Any], trust_pickle: bool = False, *,
+            trust_code: bool = False) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its tensors (float32 for compute).
 
     No SVD, no planning, no pickle (``trust_pickle`` is accepted for the loader's signature and unused:
-    checkpoints hold tensors only)."""
+    checkpoints hold tensors only). A source naming a ``package.module:factory`` would import and call
+    code the file chose: refused unless ``trust_code``."""
     from safetensors import safe_open
 
     where = str(path)
@@ -166,7 +168,7 @@ def restore(path: str | os.PathLike, metadata: dict[str, Any], trust_pickle: boo
     if not isinstance(aliases, dict):
         raise UserError(f"{where}: its aliases are not a mapping; the file is damaged")
 
-    model = build_source(source, where=where)
+    model = build_source(source, where=where, trust_code=trust_code)
     with safe_open(where, framework="pt") as f:
         keys = set(f.keys())
     explicit = metadata.get("explicit_attention")
@@ -190,10 +192,15 @@ def restore(path: str | os.PathLike, metadata: dict[str, Any], trust_pickle: boo
     return model
 
 
-def build_source(source: dict[str, Any], *, where: str = "checkpoint") -> nn.Module:
+def build_source(source: dict[str, Any], *, where: str = "checkpoint", trust_code: bool = False) -> nn.Module:
     """The source architecture, without loading weights where the source allows it (builtin models
-    have an untrained architecture; timm models are created with pretrained=False)."""
+    have an untrained architecture; timm models are created with pretrained=False). A factory source
+    runs code the file names, so it needs ``trust_code`` (the user's word, never the file's)."""
     arch, num_classes, img_size = source["arch"], source.get("num_classes"), source.get("img_size")
+    if runs_code(arch) and not trust_code:
+        raise UserError(f"{where}: its metadata names the architecture {arch!r}, and building it would import and "
+                        "call that code; pass --trust-code (trust_code=True) only if you trust this file, or give "
+                        "the architecture yourself with --arch")
     if arch.startswith("builtin:") and img_size is not None:
         entry = builtin_architectures().get(arch[len("builtin:"):])
         if entry is not None and entry.fixed_input_size:
@@ -254,7 +261,7 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
         return _MODULE_KINDS[e["module"]].empty(e["in_features"], e["out_features"], e["rank"], e["bias"],
                                                 dtype=torch.float32, device=device)
 
-    ReplaceLinearsPass(sites, build).call(target)
+    ReplaceLinearsPass(sites, build)(target)  # through PassBase.__call__: requires/ensures run
     return target
 
 

@@ -71,6 +71,21 @@ def _digits(split: str) -> ImageDataset:
     return _from_arrays("digits", images, np.asarray(d.target), split, test_fraction=0.2)
 
 
+def _class_files(base: Path, classes: list[str]) -> list[list[Path]]:
+    """The image files of each class folder. A class folder without images, or fewer than two classes, is
+    refused: training on it would report a meaningless "100% held-out"."""
+    files = [sorted(p for p in (base / cls).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+             for cls in classes]
+    empty = [cls for cls, paths in zip(classes, files) if not paths]
+    if empty and len(empty) < len(classes):
+        raise UserError(f"{base}: class folder {empty[0]!r} has no images (looked for "
+                        f"{', '.join(sorted(_IMAGE_SUFFIXES))}); add images or remove the folder")
+    if len(classes) < 2 and not empty:
+        raise UserError(f"{base}: only one class ({classes[0]!r}); an image folder needs two or more class "
+                        "subfolders with images")
+    return files
+
+
 def _folder(root: Path, split: str) -> ImageDataset:
     from PIL import Image, UnidentifiedImageError
 
@@ -83,16 +98,14 @@ def _folder(root: Path, split: str) -> ImageDataset:
     if not classes:
         raise UserError(f"{root}: no class subfolders; an image folder needs one subfolder per class")
     images, labels, sizes, modes = [], [], set(), set()
-    for label, cls in enumerate(classes):
-        for path in sorted((base / cls).iterdir()):
-            if path.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
+    for label, paths in enumerate(_class_files(base, classes)):
+        for path in paths:
             try:
                 with Image.open(path) as im:
                     mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
                     modes.add(mode)
                     arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             sizes.add(arr.shape[1:])

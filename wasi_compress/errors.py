@@ -14,3 +14,12 @@ class InfeasibleBudgetError(UserError):
     def __init__(self, message: str, smallest_feasible_bytes: int):
         super().__init__(message)
         self.smallest_feasible_bytes = int(smallest_feasible_bytes)
+
+
+class DivergedError(UserError):
+    """Training reached a loss (or weights) that is not a finite number: the run stops there, keeping the
+    last good checkpoint, and says which epoch and step diverged."""
+
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch, self.step = int(epoch), int(step)

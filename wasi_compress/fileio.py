@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,9 +37,22 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def strict_json(document: Any) -> Any:
+    """The document with every float that is not a finite number (NaN, inf) replaced by None, so that it
+    serialises as strict JSON (null); json.dumps would otherwise write NaN, which JSON parsers refuse."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {key: strict_json(value) for key, value in document.items()}
+    if isinstance(document, (list, tuple)):
+        return [strict_json(value) for value in document]
+    return document
+
+
 def write_json(path: str | os.PathLike, document: Any) -> None:
-    """Write a JSON document atomically; '-' writes to stdout."""
-    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    """Write a JSON document atomically; '-' writes to stdout. Only strict JSON: a value that is not a
+    finite number is written as null."""
+    text = json.dumps(strict_json(document), indent=2, sort_keys=False, allow_nan=False) + "\n"
     if str(path) == "-":
         import sys
 

@@ -241,6 +241,9 @@ def load_report(path: Path) -> dict:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, arrays nested too deep
+        reason = (str(exc).split(";")[0].splitlines() or ["nested too deeply"])[0][:120]
+        raise UserError(f"{path}: not a report this tool can read ({type(exc).__name__}: {reason})") from None
     validate_report(document, str(path))
     return document
 
@@ -249,9 +252,11 @@ class _Missing(Exception):
     """A figure the report does not record; turned into one UserError naming every gate affected."""
 
 
-def figure_value(document: dict, figure: str) -> tuple[float, str]:
+def figure_value(document: dict, figure: str, where: str = "the report") -> tuple[float, str]:
     """(value, dotted key) of a figure in a report. Raises _Missing when the report kind has no such figure
-    or the key is absent, null or not a number."""
+    or the key is absent, null or not a number, and UserError (naming `where`) when the value is one no
+    measurement gives: infinite, too large for a float, or an accuracy outside [0, 1]. NaN is read (a
+    gate on it fails: it is a measurement that went wrong) except for accuracy."""
     schema = document["schema"]
     spec = FIGURES[figure]
     key = spec.keys.get(schema)
@@ -262,10 +267,30 @@ def figure_value(document: dict, figure: str) -> tuple[float, str]:
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     if value is None:
-        raise _Missing(f"missing key {key}")
+        raise _Missing(f"missing key {key}" + ("" if _absent(document, key) else " (it is null: not a number)"))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Missing(f"key {key} is {value!r}, not a number")
+        raise _Missing(f"key {key} is {repr(value)[:60]}, not a number")
+    _check_figure(value, key, spec.unit, where)
     return value, key
+
+
+def _absent(document: dict, key: str) -> bool:
+    *parents, last = key.split(".")
+    for part in parents:
+        document = document.get(part) if isinstance(document, dict) else None
+    return not isinstance(document, dict) or last not in document
+
+
+def _check_figure(value: int | float, key: str, unit: str, where: str) -> None:
+    try:
+        number = float(value)
+    except OverflowError:
+        raise UserError(f"{where}: key {key} is an integer of about {int(value.bit_length() * 0.30103) + 1} digits, "
+                        "too large to be a measurement") from None
+    if math.isinf(number):
+        raise UserError(f"{where}: key {key} is {number}, not a finite number")
+    if unit == "fraction" and not 0 <= number <= 1:
+        raise UserError(f"{where}: key {key} is {value!r}, not an accuracy (a fraction in [0, 1])")
 
 
 @dataclass(frozen=True)
@@ -341,7 +366,7 @@ def evaluate(report: dict, limits: Limits, *, target: str, baseline: dict | None
         if limit is None:
             continue
         try:
-            actual, key = figure_value(report, figure)
+            actual, key = figure_value(report, figure, target)
         except _Missing as exc:
             problems.append(f"gate {name}: {exc}")
             continue
@@ -351,7 +376,7 @@ def evaluate(report: dict, limits: Limits, *, target: str, baseline: dict | None
         for figure, direction in REGRESSION_FIGURES.items():
             name = f"{figure}-regression"
             try:
-                reference, _ = figure_value(baseline, figure)
+                reference, _ = figure_value(baseline, figure, f"baseline {baseline_name}")
             except _Missing:
                 notes.append(f"{name} not checked: the baseline does not record {figure}")
                 continue
@@ -359,7 +384,7 @@ def evaluate(report: dict, limits: Limits, *, target: str, baseline: dict | None
                 notes.append(f"{name} not checked: a {report['schema']} report does not record {figure}")
                 continue
             try:
-                actual, key = figure_value(report, figure)
+                actual, key = figure_value(report, figure, target)
             except _Missing as exc:
                 problems.append(f"gate {name}: {exc} (the baseline records it)")
                 continue

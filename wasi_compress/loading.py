@@ -49,10 +49,15 @@ def load_model(
     arch: str | None = None,
     weights: str | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     num_classes: int | None = None,
     img_size: int | None = None,
 ) -> LoadedModel:
-    """Load a model from a MODEL argument (see the module docstring). Raises UserError on bad input."""
+    """Load a model from a MODEL argument (see the module docstring). Raises UserError on bad input.
+
+    ``trust_code``: let a checkpoint whose metadata names a ``package.module:factory`` build it (the
+    file chose that code); giving the same factory as ``arch`` counts as trusting it too. A MODEL or
+    ``arch`` the caller passes is the caller's own choice and needs no flag."""
     spec = spec.strip()
     if not spec:
         raise UserError("MODEL is empty: give timm:<name>, builtin:mnist-vit, package.module:factory or a weights file")
@@ -65,13 +70,13 @@ def load_model(
             load_weights_into(model, weights, trust_pickle=trust_pickle, what=spec)
     else:
         model, metadata = _load_file(Path(spec), arch=arch, weights=weights, trust_pickle=trust_pickle,
-                                     num_classes=num_classes, img_size=img_size)
+                                     trust_code=trust_code, num_classes=num_classes, img_size=img_size)
     model.eval()
     input_size, mean, std = data_config(model, img_size)
     return LoadedModel(model, spec, input_size, mean, std, num_classes_of(model), metadata)
 
 
-def _load_file(path: Path, *, arch: str | None, weights: str | None, trust_pickle: bool,
+def _load_file(path: Path, *, arch: str | None, weights: str | None, trust_pickle: bool, trust_code: bool,
                num_classes: int | None, img_size: int | None) -> tuple[nn.Module, dict[str, Any]]:
     """MODEL given as a file: a wasi checkpoint, weights for --arch, or (trusted) a pickled module."""
     if weights:
@@ -79,9 +84,11 @@ def _load_file(path: Path, *, arch: str | None, weights: str | None, trust_pickl
     check_file(path)
     metadata = wasi_checkpoint_metadata(path)
     if metadata:
-        if arch:
+        source = metadata.get("source")
+        named = source.get("arch") if isinstance(source, dict) else None
+        if arch and arch != named:
             raise UserError(f"{path}: is a wasi-compress checkpoint that names its own architecture; drop --arch")
-        return restore(path, metadata, trust_pickle=trust_pickle), metadata
+        return restore(path, metadata, trust_pickle=trust_pickle, trust_code=trust_code or bool(arch)), metadata
     if arch:
         model = build_architecture(arch, num_classes=num_classes, img_size=img_size)
         load_weights_into(model, str(path), trust_pickle=trust_pickle, what=arch)

@@ -93,3 +93,30 @@ def _keep_default_permissions(path: Path) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)
+
+
+def report_html(folder: str | os.PathLike | None) -> Path | None:
+    """The file a --report folder's report.html is (its PNGs sit beside it)."""
+    return None if folder is None else Path(folder) / "report.html"
+
+
+def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an output that would overwrite an input or another output (one line).
+    Keys are how the user named each path (``-o``, ``--json``, ``MODEL``); None and '-' are skipped."""
+    from wasi_compress.errors import UserError
+
+    def key(path) -> str | None:
+        return None if path is None or str(path) == "-" else os.path.realpath(os.fspath(path))
+
+    seen_inputs = {key(p): name for name, p in inputs.items() if key(p) is not None}
+    seen_outputs: dict[str, str] = {}
+    for name, path in outputs.items():
+        k = key(path)
+        if k is None:
+            continue
+        if k in seen_inputs:
+            raise UserError(f"{name} {path} is the input {seen_inputs[k]}; it would be overwritten: write the output "
+                            "somewhere else")
+        if k in seen_outputs:
+            raise UserError(f"{name} and {seen_outputs[k]} name the same file {path}; give each output its own path")
+        seen_outputs[k] = name

@@ -50,9 +50,13 @@ def wasi_checkpoint_metadata(path: Path) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        return json.loads(raw)
+        metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: its wasi_compress metadata is not valid JSON; the file is damaged") from exc
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: its wasi_compress metadata is a JSON {type(metadata).__name__}, not an object; "
+                        "the file is damaged")
+    return metadata
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from wasi_compress.convert.sources import as_loaded, merge_structure, source_of
 from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.evaluation import batched, top1_accuracy
 from wasi_compress.loading import LoadedModel, resolve_device
-from wasi_compress.outputs import Outputs
+from wasi_compress.outputs import Outputs, check_paths, report_html
 from wasi_compress.planner import Plan
 from wasi_compress.transforms.lowrank import lowrank_, param_bytes
 from wasi_compress.units import format_bytes
@@ -70,6 +70,7 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     progress = on_progress or (lambda *_: None)
     loaded = as_loaded(model, spec)
+    check_paths({"MODEL": loaded.spec if Path(loaded.spec).is_file() else None}, output_paths(config))
     device = resolve_device(config.device)
     source, prior_structure = source_of(loaded, source)
     if config.output and source is None:
@@ -96,6 +97,12 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
                            config.dtype, explicit)
     result.files = [str(p) for p in _write(result, config, x, notes, progress)]
     return result
+
+
+def output_paths(config: ConvertConfig) -> dict[str, str | Path | None]:
+    """Every file the job may write, by the flag that names it."""
+    return {"-o": config.output, "--onnx": config.onnx, "--onnx weights": f"{config.onnx}.data" if config.onnx else None,
+            "--json": config.json, "--report": report_html(config.report)}
 
 
 def _example(loaded: LoadedModel, config: ConvertConfig, device) -> torch.Tensor:

@@ -56,6 +56,7 @@ class FinetuneConfig:
     arch: str | None = None
     weights: str | None = None
     trust_pickle: bool = False
+    trust_code: bool = False
     num_classes: int | None = None
     img_size: int | None = None
     calibration_thresholds: tuple[float, ...] = CALIBRATION_THRESHOLDS
@@ -108,10 +109,19 @@ class FinetuneConfig:
             raise UserError("--resume needs -o OUT: the resume state lives next to it (OUT.resume.pt)")
         if self.output and Path(self.output).suffix.lower() != ".safetensors":
             raise UserError(f"-o {self.output}: the checkpoint must have the .safetensors suffix")
+        self._check_paths()
         thresholds = tuple(float(t) for t in self.calibration_thresholds)
         if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
             raise UserError(f"calibration thresholds must be in (0, 1], got {list(self.calibration_thresholds)}")
         self.calibration_thresholds = thresholds
+
+    def _check_paths(self) -> None:
+        """No output may overwrite an input or another output (the resume state is the run's own)."""
+        from wasi_compress.outputs import check_paths, report_html
+
+        check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights},
+                    {"-o": self.output, "the resume state": f"{self.output}.resume.pt" if self.output else None,
+                     "--json": self.json_path, "--report": report_html(self.report_dir)})
 
     def wasi_config(self) -> WasiConfig:
         """The transform's part of these settings (`prepare_training_`)."""

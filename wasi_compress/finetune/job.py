@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wasi_compress import fileio
-from wasi_compress.errors import UserError
+from wasi_compress.errors import DivergedError, UserError
 from wasi_compress.finetune import distributed as dist_utils
 from wasi_compress.finetune.config import FinetuneConfig
 from wasi_compress.finetune.data import TrainingData, evaluate, permutation
@@ -94,6 +94,7 @@ class FinetuneRun:
         self.status("loading the model")
         if loaded is None:
             loaded = load_model(config.model, arch=config.arch, weights=config.weights, trust_pickle=config.trust_pickle,
+                                trust_code=config.trust_code,
                                 num_classes=config.num_classes, img_size=config.img_size)
         self.status("loading the data")
         self.data = TrainingData(config.data, loaded.input_size, loaded.mean, loaded.std, config.device)
@@ -223,11 +224,27 @@ class FinetuneRun:
             start = time.perf_counter()
             loss, out = train_step(train_model, self.optimizer, x, y, after_step)
             self.step_times.append(time.perf_counter() - start)
+            self._check_finite(math.isfinite(float(loss)), epoch, step + 1, f"the loss is {float(loss)}")
             totals += torch.tensor([float(loss) * len(idx), float((out.argmax(-1) == y).sum()), len(idx)],
                                    dtype=torch.float64)
             if on_step:
                 on_step(epoch, step + 1, self.steps, float(totals[0] / totals[2]), float(totals[1] / totals[2]))
+        finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+        self._check_finite(finite, epoch, self.steps, "the weights are not finite numbers")
         return totals
+
+    def _check_finite(self, finite: bool, epoch: int, step: int, what: str) -> None:
+        """Stop at the first loss (or weights) that is not a finite number: training diverged. Every process
+        agrees (one flag, all-reduced), so DDP ranks stop together; nothing of this epoch is written."""
+        bad = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
+        dist_utils.all_reduce_(bad, self.dist)
+        if not bad.item():
+            return
+        kept = (f"the checkpoint of epoch {epoch} in {self.config.output} is kept" if self.config.output and epoch
+                else "no checkpoint was written")
+        raise DivergedError(f"training diverged: {what} at epoch {epoch + 1}, "
+                            f"step {step} of {self.steps}; lower --lr (it is {self.config.effective_lr:g}); {kept}",
+                            epoch + 1, step)
 
     def _end_epoch(self, epoch: int, totals: torch.Tensor) -> dict[str, float]:
         info = self.dist

@@ -42,7 +42,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
 def load(path_or_model: str | os.PathLike, **kwargs) -> nn.Module:
     """A model from a checkpoint written by `save`, `convert` or `finetune`, or from any MODEL argument
     (``timm:<name>``, ``builtin:<name>``, a weights file with ``arch=``); eval mode. The model remembers
-    its source, so `save` needs no ``arch``."""
+    its source, so `save` needs no ``arch``. A checkpoint whose metadata names a
+    ``package.module:factory`` is refused unless ``trust_code=True`` (or that factory is given as ``arch``):
+    loading a file never imports code the file chose."""
     from wasi_compress.loading import load_model
 
     loaded = load_model(str(path_or_model), **kwargs)
