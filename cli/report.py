@@ -12,6 +12,9 @@ from wasi_compress.errors import UserError
 from wasi_compress.reports import ANALYZE_SCHEMA, CONVERT_SCHEMA, FINETUNE_SCHEMA
 
 _ARGUMENT_OF = {ANALYZE_SCHEMA: "analyze", CONVERT_SCHEMA: "convert", FINETUNE_SCHEMA: "finetune"}
+# the keys each section's plots and tables read: a document without one was not written by this tool
+_REQUIRED = {"analyze": ("layers", "totals"), "convert": ("layers", "original_bytes", "total_bytes", "pareto"),
+             "finetune": ("epochs", "final", "memory")}
 
 
 @click.command("report")
@@ -30,5 +33,36 @@ def command(reports: tuple[Path, ...], directory: Path) -> None:
             raise UserError(f"{path}: a {doc['schema']} document has no plots; give analyze, convert or finetune reports")
         if kind in documents:
             raise UserError(f"{path}: a second {kind} report; give at most one of each kind")
+        _check_readable(doc, kind, path)
         documents[kind] = doc
-    click.echo(f"wrote {write_report(directory, **documents)}")
+    try:
+        written = write_report(directory, **documents)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise UserError(f"the reports hold a figure this version cannot draw ({type(exc).__name__}: {exc}); "
+                        "regenerate them with this version") from None
+    click.echo(f"wrote {written}")
+
+
+def _check_readable(doc: dict, kind: str, path: Path) -> None:
+    """One line, before anything is drawn, for a document missing what its section reads or holding a
+    number that is not finite (NaN is not a figure)."""
+    missing = [key for key in _REQUIRED[kind] if key not in doc]
+    if missing:
+        raise UserError(f"{path}: this {kind} report has no {', '.join(missing)}; give a report written by "
+                        f"`wasi-compress {kind} --json`")
+    bad = _non_finite(doc)
+    if bad:
+        raise UserError(f"{path}: {bad} is not a finite number; the report is damaged")
+
+
+def _non_finite(value, where: str = "") -> str | None:
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "a value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None

@@ -264,7 +264,8 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(cli, workdir
     def end_epoch_then_remember(self, epoch, totals):
         record = end_epoch(self, epoch, totals)
         epochs_done.append(epoch)
-        written.update({p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()})
+        # the run's own output locks (removed when it ends) are not outputs
+        written.update({p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.suffix != ".lock"})
         return record
 
     def nan_after_epoch_1(*args, **kwargs):
@@ -288,3 +289,35 @@ def test_the_diverged_error_is_a_user_error():
 
     exc = DivergedError("training diverged", epoch=2, step=5)
     assert isinstance(exc, UserError) and exc.exit_code == 2 and (exc.epoch, exc.step) == (2, 5)
+
+
+def test_epochs_zero_with_an_output_is_refused(cli, assert_one_line_error, tmp_path):
+    out = tmp_path / "o.safetensors"
+    result = cli("finetune", "vit_models:tiny_timm_vit", "--data", "digits", "--epochs", "0", "-o", out)
+    assert result.exit_code == 2 and "--epochs 0 trains nothing" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_budget_above_the_model_is_stated(tmp_path):
+    from wasi_compress.convert import ConvertConfig, convert
+    from wasi_compress.loading import load_model
+
+    result = convert(load_model("vit_models:tiny_timm_vit"), ConvertConfig(budget="99999999999999999999999GB"))
+    assert any("is at least the model's own" in note for note in result.report["notes"])
+    assert all(layer["rank"] is None for layer in result.report["layers"])
+
+
+@pytest.mark.parametrize("doc,fragment", [
+    ({"schema": "wasi-compress/analyze/1"}, "has no layers, totals"),
+    ({"schema": "wasi-compress/convert/1", "layers": []}, "has no original_bytes"),
+    ({"schema": "wasi-compress/finetune/1", "epochs": [], "final": {}}, "has no memory"),
+    ({"schema": "wasi-compress/finetune/1", "epochs": [], "memory": None, "final": {"accuracy": float("nan")}},
+     "final.accuracy is not a finite number"),
+])
+def test_report_refuses_documents_it_cannot_draw(tmp_path, cli, assert_one_line_error, doc, fragment):
+    import json
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))  # json.dumps writes NaN for nan: the damaged file a user might hand us
+    assert_one_line_error(cli("report", path, "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

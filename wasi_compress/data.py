@@ -6,6 +6,7 @@ not depend on the training seed, so accuracies are comparable across runs."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,58 +87,109 @@ def _class_files(base: Path, classes: list[str]) -> list[list[Path]]:
     return files
 
 
-def _folder(root: Path, split: str) -> ImageDataset:
+_GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+_SIXTEEN_BIT = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _pixels(im) -> tuple[np.ndarray, bool]:
+    """One image as float32 (C, H, W) in [0, 1], scaled by its mode and bit depth, and whether values had to
+    be clipped. 8-bit modes ("1", "L", "P", "RGB", ...) are divided by 255; 16-bit modes ("I;16", "I;16B",
+    and "I", which is how PIL opens 16-bit grayscale PNGs) by 65535, "I" values outside 0..65535 clipped;
+    float "F" images (TIFF) are kept as they are, clipped to [0, 1] with NaN read as 0. Alpha is dropped
+    (LA to L, RGBA/PA/palette to RGB), as torchvision's ImageFolder does; CMYK, YCbCr etc. become RGB."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        raw = np.asarray(im).astype(np.float32) / 65535.0
+    elif mode == "F":
+        raw = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0)
+    else:
+        raw = np.asarray(im.convert("L" if mode in _GRAY_MODES else "RGB"), dtype=np.float32) / 255.0
+    clipped = bool(raw.size) and (float(raw.min()) < 0.0 or float(raw.max()) > 1.0)
+    arr = np.clip(raw, 0.0, 1.0)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), clipped
+
+
+def _open(path: Path):
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+
+
+def _headers(files: list[Path]) -> tuple[list[tuple[int, int]], set[str]]:
+    """(height, width) and mode of every file, read from the headers alone (no pixels are decoded)."""
+    sizes, modes = [], set()
+    for path in files:
+        with _open(path) as im:
+            sizes.append((im.height, im.width))
+            modes.add(im.mode)
+    return sizes, modes
+
+
+def _read_resized(path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+    from PIL import Image
+
+    with _open(path) as im:
+        try:
+            arr, clipped = _pixels(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if tuple(t.shape[1:]) != tuple(size):
+        t = F.interpolate(t[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return t, clipped
+
+
+def _size_note(sizes: list[tuple[int, int]], target: tuple[int, int]) -> list[str]:
+    distinct = sorted(set(sizes))
+    if distinct == [target]:
+        return []
+    if len(distinct) == 1:
+        return [f"images resized from {distinct[0][0]}x{distinct[0][1]} to {target[0]}x{target[1]} as read"]
+    return [f"images of {len(distinct)} sizes were resized to {target[0]}x{target[1]} as read"]
+
+
+def _folder(root: Path, split: str, size: tuple[int, int] | None = None) -> ImageDataset:
+    """An image folder, each image resized as it is read to `size` (H, W), or without one to the most common
+    size in the folder (ties: the first seen); the images are never all decoded at their own sizes first."""
     if (root / "train").is_dir() and (root / "test").is_dir() and split in ("train", "test"):
-        base = root / split
-        presplit = True
+        base, presplit = root / split, True
     else:
         base, presplit = root, False
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{root}: no class subfolders; an image folder needs one subfolder per class")
-    images, labels, sizes, modes = [], [], set(), set()
-    for label, paths in enumerate(_class_files(base, classes)):
-        for path in paths:
-            try:
-                with Image.open(path) as im:
-                    mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                    modes.add(mode)
-                    arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-                raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-            sizes.add(arr.shape[1:])
-            images.append(arr)
-            labels.append(label)
-    if not images:
+    per_class = _class_files(base, classes)
+    files = [path for paths in per_class for path in paths]
+    if not files:
         raise UserError(f"{root}: no images found (looked for {', '.join(sorted(_IMAGE_SUFFIXES))})")
-    notes = []
-    channels = 3 if "RGB" in modes else 1
-    h, w = max(sizes)
-    tensors = []
-    for arr in images:
-        t = torch.from_numpy(arr)
-        if t.shape[0] != channels:
-            t = t.expand(channels, -1, -1)
-        if tuple(t.shape[1:]) != (h, w):
-            t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        tensors.append(t)
-    if len(sizes) > 1:
-        notes.append(f"images of {len(sizes)} sizes were resized to {h}x{w}")
-    x = torch.stack(tensors)
-    y = np.asarray(labels)
+    labels = np.asarray([label for label, paths in enumerate(per_class) for _ in paths], dtype=np.int64)
+    sizes, modes = _headers(files)
+    target = tuple(int(v) for v in size) if size is not None else Counter(sizes).most_common(1)[0][0]
+    channels = 1 if modes <= _GRAY_MODES else 3
+    x = torch.empty(len(files), channels, *target)  # the only copy of the pixels, at the target size
+    n_clipped = 0
+    for i, path in enumerate(files):
+        t, clipped = _read_resized(path, target)
+        x[i] = t.expand(channels, -1, -1)
+        n_clipped += clipped
+    notes = _size_note(sizes, target)
+    if n_clipped:
+        notes.append(f"{n_clipped} images had values outside [0, 1] (float or 32-bit images), clipped")
     if presplit:
-        return ImageDataset(str(root), x, torch.from_numpy(y.astype(np.int64)), len(classes), notes)
-    ds = _from_arrays(str(root), x.numpy(), y, split, test_fraction=0.2)
-    ds.num_classes = len(classes)
-    ds.notes = notes
+        return ImageDataset(str(root), x, torch.from_numpy(labels), len(classes), notes)
+    ds = _from_arrays(str(root), x.numpy(), labels, split, test_fraction=0.2)
+    ds.num_classes, ds.notes = len(classes), notes
     return ds
 
 
-def load_images(name: str, split: str = "train") -> ImageDataset:
-    """Load `mnist`, `digits`, or an image folder path, as the fixed `train` or `test` split."""
+def load_images(name: str, split: str = "train", size=None) -> ImageDataset:
+    """Load `mnist`, `digits`, or an image folder path, as the fixed `train` or `test` split.
+
+    `size`, a model's input (C, H, W) or (H, W), resizes the images of a folder to H x W as each is read, so
+    memory holds only images of that size (channels and the built-in sets are fitted by `adapt_images`)."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be train, test or all, not {split!r}")
     if name == "mnist":
@@ -146,7 +198,7 @@ def load_images(name: str, split: str = "train") -> ImageDataset:
         return _digits(split)
     path = Path(name)
     if path.is_dir():
-        return _folder(path, split)
+        return _folder(path, split, None if size is None else tuple(size)[-2:])
     raise UserError(f"unknown dataset {name!r}: use mnist, digits, or a folder with one subfolder per class")
 
 

@@ -6,11 +6,14 @@ partial set behind, and never loses the previous complete one (last epoch's chec
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 
 class Outputs:
@@ -25,7 +28,8 @@ class Outputs:
         """A private folder beside `target` for temporaries (removed when the set closes)."""
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        d = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        remove_stale_temporaries(target)
+        d = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
         self._dirs.append(d)
         return d
 
@@ -85,6 +89,145 @@ class Outputs:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def temp_prefix(target: str | os.PathLike) -> str:
+    """The name every temporary of `target` starts with: ``.{name}.{pid}.`` (then random, then ``.tmp``),
+    so that a later run can tell a temporary left by a killed writer from one a live writer still owns."""
+    return f".{Path(target).name}.{os.getpid()}."
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of `target` (files and folders) whose writer process is gone (a kill -9);
+    never one a live process owns, nor one without a PID in its name. Returns what was removed."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def lock_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[list[Path]]:
+    """Hold an exclusive lock file (``.{name}.lock``, holding this process's PID) beside each output for
+    the whole block, so that two runs cannot write the same output; a second run is refused with one
+    line. A lock whose process is gone (a kill -9) is taken over. None and '-' are skipped."""
+    targets = {Path(os.path.abspath(os.fspath(p))): str(p) for p in paths if p is not None and str(p) != "-"}
+    held: list[Path] = []
+    created: list[Path] = []
+    try:
+        for target, shown in targets.items():
+            created += _make_parents(target.parent)
+            held.append(_take_lock(target, shown))
+        yield held
+    finally:
+        for lock in reversed(held):
+            _release_lock(lock)
+        for folder in reversed(created):  # folders made only for a lock, if nothing else was written there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns the ones created (deepest last)."""
+    from wasi_compress.errors import UserError
+
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{d}: the output folder cannot be created ({exc.strerror or exc})") from exc
+    return list(reversed(missing))
+
+
+def _take_lock(target: Path, shown: str, attempts: int = 50) -> Path:
+    from wasi_compress.errors import UserError
+
+    lock = lock_path(target)
+    for _ in range(attempts):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _lock_owner(lock)
+            if pid is None:  # being written this instant, or left empty: look again shortly
+                time.sleep(0.05)
+                if _lock_owner(lock) is None and _age(lock) > 2.0:
+                    _remove_if_unchanged(lock, None)
+                continue
+            if pid_alive(pid):
+                raise UserError(f"{shown} is being written by process {pid}; wait for it or choose another output")
+            _remove_if_unchanged(lock, pid)  # a stale lock: its writer was killed
+            continue
+        except OSError as exc:
+            raise UserError(f"{shown}: cannot lock the output ({exc.strerror or exc})") from exc
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return lock
+    raise UserError(f"{shown}: could not take the lock {lock}; remove it if no run is writing {shown}")
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        text = lock.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove_if_unchanged(lock: Path, pid: int | None) -> None:
+    """Remove a stale lock, after checking once more that it still names the dead process."""
+    if _lock_owner(lock) == pid:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _release_lock(lock: Path) -> None:
+    if _lock_owner(lock) == os.getpid():
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
 def _keep_default_permissions(path: Path) -> None:

@@ -17,7 +17,7 @@ def calibration_batches(config, loaded: LoadedModel, notes: list[str]) -> list[t
         images = random_images(n, c, (h, w), seed=config.seed)
         notes.append(f"calibrated on {n} uniform-noise images (no data given)")
     else:
-        ds = load_images(config.calib, "train")
+        ds = load_images(config.calib, "train", size=(h, w))
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(config.seed))[:n]
         if len(idx) < n:
             notes.append(f"calibration set {config.calib} has {len(idx)} training images, fewer than {n} asked for")
@@ -32,8 +32,8 @@ def evaluation_set(name: str, loaded: LoadedModel, notes: list[str]) -> tuple[to
     """The test split of `name`, fitted to the model's input and normalised, with its labels."""
     from wasi_compress.data import adapt_images, load_images, normalize
 
-    ds = load_images(name, "test")
     c, h, w = loaded.input_size
+    ds = load_images(name, "test", size=(h, w))
     images, adapt_notes = adapt_images(ds.images, c, (h, w))
     notes.extend(f"evaluation: {t}" for t in adapt_notes)
     if loaded.num_classes is not None and loaded.num_classes < ds.num_classes:

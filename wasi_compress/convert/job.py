@@ -20,7 +20,7 @@ from wasi_compress.convert.sources import as_loaded, merge_structure, source_of
 from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.evaluation import batched, top1_accuracy
 from wasi_compress.loading import LoadedModel, resolve_device
-from wasi_compress.outputs import Outputs, check_paths, report_html
+from wasi_compress.outputs import Outputs, check_paths, lock_outputs, report_html
 from wasi_compress.planner import Plan
 from wasi_compress.transforms.lowrank import lowrank_, param_bytes
 from wasi_compress.units import format_bytes
@@ -76,6 +76,11 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
     if config.output and source is None:
         raise UserError(f"{loaded.spec}: a model loaded from a pickled module has no architecture name, so its "
                         "checkpoint could not be rebuilt; load it with --arch and --weights instead")
+    with lock_outputs(output_paths(config).values()):  # two runs cannot write the same output
+        return _convert(loaded, config, progress, source, prior_structure, device)
+
+
+def _convert(loaded: LoadedModel, config: ConvertConfig, progress: Progress, source, prior_structure, device) -> ConvertResult:
     notes: list[str] = []
     if config.calib and config.objective == "weight":
         notes.append(f"--calib {config.calib} is unused: the weight objective needs no data (use --objective data)")
@@ -86,6 +91,10 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
     explicit_before = bool((loaded.metadata or {}).get("explicit_attention"))
     calib = calibration_batches(config, loaded, notes) if config.objective == "data" else None
     planned = _plan(work, config, x, calib, loaded.spec, progress)
+    if config.budget_bytes >= original["bytes"]:
+        notes.append(f"the budget ({format_bytes(config.budget_bytes)}) is at least the model's own "
+                     f"{format_bytes(original['bytes'])} in {config.dtype}: no layer had to shrink, so the model is "
+                     "kept as it is (every linear dense unless factoring cost nothing)")
     converted = planned.model
     structure = merge_structure(converted, planned.layers, prior_structure)
     figures = _figures(converted, x, config, eval_set, notes, "converted", progress)

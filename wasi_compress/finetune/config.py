@@ -105,6 +105,9 @@ class FinetuneConfig:
             parse_bytes(self.activation_budget, "--activation-budget")  # raises UserError on bad input
             if self.method == "vanilla":
                 raise UserError("--activation-budget needs --method wasi or asi: vanilla keeps exact activations")
+        if self.epochs == 0 and self.output:
+            raise UserError("--epochs 0 trains nothing, so -o would write an untrained checkpoint; give --epochs 1 or "
+                            "more, or drop -o to only measure")
         if self.resume and not self.output:
             raise UserError("--resume needs -o OUT: the resume state lives next to it (OUT.resume.pt)")
         if self.output and Path(self.output).suffix.lower() != ".safetensors":
@@ -117,11 +120,17 @@ class FinetuneConfig:
 
     def _check_paths(self) -> None:
         """No output may overwrite an input or another output (the resume state is the run's own)."""
-        from wasi_compress.outputs import check_paths, report_html
+        from wasi_compress.outputs import check_paths
 
         check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights},
-                    {"-o": self.output, "the resume state": f"{self.output}.resume.pt" if self.output else None,
-                     "--json": self.json_path, "--report": report_html(self.report_dir)})
+                    self.output_paths())
+
+    def output_paths(self) -> dict[str, str | Path | None]:
+        """Every file the run may write, by the flag that names it (None where not written)."""
+        from wasi_compress.outputs import report_html
+
+        return {"-o": self.output, "the resume state": f"{self.output}.resume.pt" if self.output else None,
+                "--json": self.json_path, "--report": report_html(self.report_dir)}
 
     def wasi_config(self) -> WasiConfig:
         """The transform's part of these settings (`prepare_training_`)."""

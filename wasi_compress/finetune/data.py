@@ -14,8 +14,8 @@ class TrainingData:
     def __init__(self, name: str, input_size: tuple[int, int, int], mean, std, device: str):
         from wasi_compress.data import adapt_images, load_images
 
-        self.train = load_images(name, "train")
-        self.test = load_images(name, "test")
+        self.train = load_images(name, "train", size=input_size)
+        self.test = load_images(name, "test", size=input_size)
         self.input_size, self.mean, self.std, self.device = input_size, mean, std, device
         _, adapt_notes = adapt_images(self.train.images[:1], input_size[0], tuple(input_size[1:]))
         self.notes = list(dict.fromkeys(self.train.notes + self.test.notes + adapt_notes))

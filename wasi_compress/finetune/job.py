@@ -28,7 +28,7 @@ from wasi_compress.finetune.resume import (
 )
 from wasi_compress.finetune.step_memory import measure_on_copy
 from wasi_compress.finetune.steps import after_step_fn, lr_setter, make_run_optimizer, train_step
-from wasi_compress.outputs import Outputs
+from wasi_compress.outputs import Outputs, lock_outputs
 from wasi_compress.passes.training import BLOCK_ROLES, block_of
 
 
@@ -50,7 +50,7 @@ def finetune(config: FinetuneConfig, *, loaded=None,
     from wasi_compress.loading import resolve_device
 
     resolve_device(config.device)  # one line, not a traceback, for a device torch cannot use
-    with dist_utils.distributed(config) as info:
+    with dist_utils.distributed(config) as info, lock_outputs(config.output_paths().values() if info.main else ()):
         run = FinetuneRun(config, info, on_status if (on_status and info.main) else (lambda _t: None))
         run.setup(loaded)
         run.measure()
@@ -272,11 +272,13 @@ class FinetuneRun:
         config = self.config
         with Outputs() as outputs:
             meta = self._checkpoint_meta(epochs_done=epochs_done, accuracy=record["accuracy"])
-            write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source, meta)
+            # the resume state is staged (so renamed) first: a kill between the two renames leaves a state
+            # that resumes this epoch (it holds the model itself), never a checkpoint without its state
             save_resume(resume_path(config.output), outputs, config=config, epoch=epochs_done, model=self.model,
                         optimizer=self.optimizer, history=self.history, step_times=self.step_times,
                         weight_ranks=self.weight_ranks, activation_ranks=self.activation_plan,
                         planning=self.planning, per_rank=per_rank)
+            write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source, meta)
             outputs.commit()
 
     # -- finish ---------------------------------------------------------------------------------
@@ -289,9 +291,6 @@ class FinetuneRun:
         doc = document(config, self, final_accuracy)
         if main:
             with Outputs() as outputs:
-                if not self.history and config.output:
-                    write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source,
-                                     self._checkpoint_meta(epochs_done=0))
                 if config.json_path:
                     outputs.then(lambda: _json(config.json_path, doc))
                 if config.report_dir:

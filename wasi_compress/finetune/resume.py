@@ -51,9 +51,48 @@ def load_compressor_state(model: nn.Module, state: dict[str, dict[str, Any]], de
             c.factors = None if s["factors"] is None else [f.to(device) for f in s["factors"]]
 
 
+# Every key save_resume writes, with the type it must have (checked before any is used).
+_STATE_SCHEMA: dict[str, tuple[type, ...]] = {
+    "version": (int,), "config": (str,), "epoch": (int,), "model": (dict,), "optimizer": (dict,),
+    "history": (list,), "step_times": (list,), "weight_ranks": (dict, list, type(None)),
+    "activation_ranks": (dict, list, type(None)), "planning": (str,), "per_rank": (list,),
+}
+
+
+def check_state_schema(state: Any, path: Path) -> None:
+    """One line naming the first key that is missing or of the wrong type (never a KeyError later)."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a resume state (a {type(state).__name__}, not a dictionary)")
+    for key, types in _STATE_SCHEMA.items():
+        if key not in state:
+            raise UserError(f"{path}: not a complete resume state: the key {key!r} is missing")
+        value = state[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise UserError(f"{path}: resume state key {key!r} is a {type(value).__name__}, not a {names}")
+    if not isinstance(_json_or_none(state["config"]), dict):
+        raise UserError(f"{path}: resume state key 'config' is not a JSON object")
+    if _json_or_none(state["planning"]) is _BAD:
+        raise UserError(f"{path}: resume state key 'planning' is not JSON")
+    if state["epoch"] < 0 or not all(isinstance(r, dict) for r in state["per_rank"]):
+        raise UserError(f"{path}: resume state key {'epoch' if state['epoch'] < 0 else 'per_rank'!r} is malformed")
+
+
+_BAD = object()
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _BAD
+
+
 def check_resume(config: FinetuneConfig, state: dict[str, Any], world: int, path: Path) -> None:
-    if state.get("version") != RESUME_VERSION:
-        raise UserError(f"{path}: resume state version {state.get('version')!r} is not one this version reads")
+    if not isinstance(state, dict) or state.get("version") != RESUME_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise UserError(f"{path}: resume state version {version!r} is not one this version reads")
+    check_state_schema(state, path)
     # a setting added after the state was written was at its default then
     saved = {**FinetuneConfig(model=config.model, data=config.data).to_dict(), **json.loads(state["config"])}
     saved["update"] = canonical_update(saved["update"])  # a state written before the rename
@@ -89,6 +128,11 @@ def load_resume(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"--resume: {path} does not exist (it is written after every epoch of a run with -o)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # damaged or foreign file
         raise UserError(f"{path}: not a readable resume state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if isinstance(state, dict) and state.get("version") == RESUME_VERSION:
+        check_state_schema(state, path)
+    elif not isinstance(state, dict):
+        raise UserError(f"{path}: not a resume state (a {type(state).__name__}, not a dictionary)")
+    return state
