@@ -51,6 +51,11 @@ class Replaced:
     module_name: str            # where the new module lives
 
 
+def site_module(model: nn.Module, site: LinearSite) -> nn.Module:
+    """What a site is to a filter_fn: its module, or a dense view of a functional linear's parameters."""
+    return model.get_submodule(site.name) if site.kind == "module" else dense_view(model, site)
+
+
 class ReplaceLinearsPass(WasiPass):
     """Replace the given sites with modules made by `builder`. Reversible when the new modules have
     ``to_linear()``: every new module is marked (wasi_compress.marks) and every rewritten graph node

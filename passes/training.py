@@ -44,7 +44,7 @@ from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear, canonical_update
 from wasi_compress.passes.base import PassResult, WasiPass
 from wasi_compress.passes.capture import Capture, LinearSite
-from wasi_compress.passes.replace import ReplaceLinearsPass, dense_view
+from wasi_compress.passes.replace import ReplaceLinearsPass, site_module
 from wasi_compress.planner import Candidate, LayerCandidates, Plan, plan
 from wasi_compress.spectrum import break_even_rank, rank_for_threshold
 from wasi_compress.marks import copy_marks, mark_module
@@ -160,7 +160,7 @@ class TrainingPass(WasiPass):
             if self.filter_fn is None:
                 if s.role in self.roles:
                     out.append(s)
-            elif self.filter_fn(_site_module(self.capture.model, s), s.name):
+            elif self.filter_fn(site_module(self.capture.model, s), s.name):
                 out.append(s)
         return out
 
@@ -261,11 +261,6 @@ class TrainingPass(WasiPass):
 
 def _current(model: nn.Module, site: LinearSite) -> nn.Module | None:
     return model.get_submodule(site.name) if site.kind == "module" else None
-
-
-def _site_module(model: nn.Module, site: LinearSite) -> nn.Module:
-    """What filter_fn sees for a site: its module, or a dense view of a functional linear's parameters."""
-    return model.get_submodule(site.name) if site.kind == "module" else dense_view(model, site)
 
 
 def freeze_before(model: nn.Module, first_trained: str, example: Any) -> list[str]:

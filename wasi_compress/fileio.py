@@ -17,7 +17,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it to `path`, on error delete it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    from wasi_compress.outputs import remove_stale_temporaries, temp_prefix
+    from wasi_compress.outputs import keep_default_permissions, remove_stale_temporaries, temp_prefix
 
     remove_stale_temporaries(target)  # left by a writer that was killed
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -25,10 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        keep_default_permissions(tmp_path)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -56,7 +56,7 @@ class Outputs:
         replaced: list[tuple[Path, Path]] = []  # (backup, final)
         try:
             for tmp, final in self._moves:
-                _keep_default_permissions(tmp)
+                keep_default_permissions(tmp)
                 if final.is_file():
                     backup = tmp.with_name(tmp.name + ".previous")
                     os.replace(final, backup)
@@ -230,7 +230,7 @@ def _release_lock(lock: Path) -> None:
             lock.unlink()
 
 
-def _keep_default_permissions(path: Path) -> None:
+def keep_default_permissions(path: Path) -> None:
     """mkstemp creates 0600 files; give an output the permissions a plain open() would have."""
     if path.is_file():
         umask = os.umask(0)

@@ -80,7 +80,8 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     only be rewritten in the traced graph, and then ``plan.model`` is that GraphModule."""
     from wasi_compress.checkpoint import copy_model_attributes, stored_bytes
     from wasi_compress.passes.capture import capture
-    from wasi_compress.passes.replace import ReplaceLinearsPass, dense_view
+    from wasi_compress.analysis import site_parameters
+    from wasi_compress.passes.replace import ReplaceLinearsPass
 
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"config must be a LowRankConfig, got {type(config).__name__}")
@@ -89,8 +90,8 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     elem = torch.finfo(dtype).bits // 8
     cap = capture(model, example)
     skipped = list(cap.skipped)
-    layers = _selected(model, cap, config, filter_fn, elem, skipped, dense_view)
-    site_params = {id(p) for layer in layers for p in _site_parameters(model, layer.site)}
+    layers = _selected(model, cap, config, filter_fn, elem, skipped)
+    site_params = {id(p) for layer in layers for p in site_parameters(model, layer.site)}
     fixed_param = sum(p.numel() * element_bytes(p, dtype) for p in model.parameters() if id(p) not in site_params)
     buffer_bytes = stored_bytes(model, dtype) - param_bytes(model, dtype)
 
@@ -129,13 +130,15 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
                        config.budget_bytes - fixed, total, skipped, cap)
 
 
-def _selected(model, cap, config, filter_fn, elem, skipped, dense_view) -> list[SiteWeights]:
+def _selected(model, cap, config, filter_fn, elem, skipped) -> list[SiteWeights]:
+    from wasi_compress.passes.replace import site_module
+
     layers = []
     for site in cap.sites:
         reason = unsupported(model, site)
         if reason is None and filter_fn is None and site.role not in config.roles:
             reason = f"role {site.role} is not in roles"
-        if reason is None and filter_fn is not None and not filter_fn(_module_of(model, site, dense_view), site.name):
+        if reason is None and filter_fn is not None and not filter_fn(site_module(model, site), site.name):
             reason = "excluded by filter_fn"
         if reason:
             skipped.append({"name": site.name, "reason": reason})
@@ -144,16 +147,6 @@ def _selected(model, cap, config, filter_fn, elem, skipped, dense_view) -> list[
     if not layers:
         raise UserError("no linear layer to convert" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
     return layers
-
-
-def _module_of(model: nn.Module, site, dense_view) -> nn.Module:
-    return model.get_submodule(site.name) if site.kind == "module" else dense_view(model, site)
-
-
-def _site_parameters(model: nn.Module, site) -> list[nn.Parameter]:
-    if site.kind == "module":
-        return list(model.get_submodule(site.name).parameters())
-    return [model.get_parameter(n) for n in (site.weight_name, site.bias_name) if n]
 
 
 def _factor(model, cap, to_replace, ranks, whitenings, progress, replace_pass, copy_attrs) -> nn.Module:

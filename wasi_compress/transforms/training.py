@@ -65,11 +65,14 @@ class TrainingHandle:
                             "after each step instead")
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.after_step()))
 
+        in_backward = self._wasi("subspace-iteration")  # found once, not on every forward
+
         def follow(_module, _args) -> None:  # a pre-hook must return None, or it replaces the input
             group = optimizer.param_groups[0]
-            self.set_lr(group["lr"], group.get("weight_decay", 0.0))
+            for m in in_backward:
+                m.lr, m.weight_decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
 
-        if self._wasi("subspace-iteration"):
+        if in_backward:
             self._hooks.append(self.model.register_forward_pre_hook(follow))
         return optimizer
 
