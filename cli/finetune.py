@@ -44,6 +44,15 @@ def render(doc: dict, console) -> None:
             table.add_row(label, format_bytes(ours) if ours is not None else "n/a",
                           format_bytes(theirs) if theirs is not None else "n/a", ratio)
         console.print(table)
+    plan = doc.get("memory_plan")
+    if plan:
+        measured = (memory or {}).get("peak_bytes")
+        levers = plan["levers"]
+        console.print(f"memory budget {format_bytes(plan['budget_bytes'])}: predicted peak "
+                      f"{format_bytes(plan['predicted']['peak'])}, measured {format_bytes(measured) if measured else 'n/a'}; "
+                      f"{levers['micro_batches']} micro-batches, recompute {'on' if levers['recompute'] else 'off'}, "
+                      f"activation {levers['activation']}, linear inputs {levers['linear_inputs']}, "
+                      f"error proxy {plan['error']['total']:.3f}", highlight=False)
     if doc.get("step_time_median_s") is not None:
         console.print(f"median step time: {doc['step_time_median_s'] * 1000:.1f} ms")
     console.print(f"final held-out accuracy: {doc['final']['accuracy']:.2%}")
@@ -81,6 +90,11 @@ def render(doc: dict, console) -> None:
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--step-in-backward", is_flag=True, help="Run each parameter's optimizer step inside backward as soon as its "
               "gradient is ready, and drop the gradient: gradients never all exist at once (not under DDP).")
+@click.option("--memory-budget", default=None, help="Fit the whole training step's measured peak under this many bytes "
+              "(e.g. 200MB; units as --budget): plans micro-batches, recomputation, saved-tensor forms and weight ranks.")
+@click.option("--micro-batches", type=int, default=1, show_default=True,
+              help="Run each batch as this many chunks whose gradients accumulate (same gradient, less memory).")
+@click.option("--recompute", is_flag=True, help="Per-block recomputation: keep each block's input, re-run it in backward.")
 @click.option("--finetune-last", type=int, default=None, help="Train only the last N blocks (and what follows them).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt to the same result as an uninterrupted run.")
@@ -91,7 +105,7 @@ def render(doc: dict, console) -> None:
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, data, method, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
-            step_in_backward, finetune_last, seed, resume, output, json_path, report_dir, device):
+            step_in_backward, memory_budget, micro_batches, recompute, finetune_last, seed, resume, output, json_path, report_dir, device):
     """Fine-tune MODEL on --data in its weight subspace with compressed activations, and measure memory and
     time against ordinary fine-tuning."""
     from wasi_compress.finetune import FinetuneConfig, finetune
@@ -104,7 +118,8 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
         model=model, data=data, method=method, update=update, threshold=threshold,
         activation_threshold=activation_threshold, activation_budget=activation_budget, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
-        step_in_backward=step_in_backward, finetune_last=finetune_last, seed=seed, resume=resume, output=output,
+        step_in_backward=step_in_backward, memory_budget=memory_budget, micro_batches=micro_batches,
+        recompute=recompute, finetune_last=finetune_last, seed=seed, resume=resume, output=output,
         json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
         trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size)
 

@@ -47,6 +47,11 @@ class FinetuneConfig:
     # is dropped (wasi_compress.optim.StepInBackward): gradients never all exist at once
     step_in_backward: bool = False
     finetune_last: int | None = None
+    # whole-step memory: a budget the planner fits the step into (wasi_compress.step_plan), or the two
+    # exact levers by hand (chunks whose gradients accumulate; per-block recomputation)
+    memory_budget: str | int | None = None
+    micro_batches: int = 1
+    recompute: bool = False
     seed: int = 0
     resume: bool = False
     output: str | None = None
@@ -95,6 +100,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}")
+        self._check_memory_levers()
         if not isinstance(self.step_in_backward, bool):
             raise UserError(f"step_in_backward must be true or false, got {self.step_in_backward!r}")
         if self.momentum and self.optimizer != "sgd":
@@ -117,6 +123,32 @@ class FinetuneConfig:
         if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
             raise UserError(f"calibration thresholds must be in (0, 1], got {list(self.calibration_thresholds)}")
         self.calibration_thresholds = thresholds
+
+    def _check_memory_levers(self) -> None:
+        m = self.micro_batches
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= max(self.batch_size, 1):
+            raise UserError(f"--micro-batches must be an integer from 1 to --batch-size ({self.batch_size}), got {m!r}")
+        if not isinstance(self.recompute, bool):
+            raise UserError(f"recompute must be true or false, got {self.recompute!r}")
+        if self.memory_budget is not None:
+            from wasi_compress.units import parse_bytes
+
+            parse_bytes(self.memory_budget, "--memory-budget")
+            if m != 1 or self.recompute:
+                raise UserError("--memory-budget chooses the micro-batches and recomputation itself; drop "
+                                "--micro-batches and --recompute, or drop --memory-budget")
+        if m > 1 and self.step_in_backward:
+            raise UserError("--micro-batches needs the gradients of every chunk before the step, so it cannot run "
+                            "with --step-in-backward; drop one of them")
+        if m > 1 and self.method == "wasi" and self.update == "subspace-iteration":
+            raise UserError("--micro-batches with --update subspace-iteration would update L, R on every chunk, "
+                            "not once per batch: use --update optimizer-step")
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        from wasi_compress.units import parse_bytes
+
+        return None if self.memory_budget is None else parse_bytes(self.memory_budget, "--memory-budget")
 
     def _check_paths(self) -> None:
         """No output may overwrite an input or another output (the resume state is the run's own)."""

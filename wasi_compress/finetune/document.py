@@ -16,6 +16,9 @@ SOURCES = {
     "final.accuracy": Source("measured", "held-out split after the last epoch"),
     "step_time_median_s": Source("measured", "median wall time of the training steps of this run (forward, "
                                  "backward, optimizer step, re-orthonormalisation), batch preparation excluded"),
+    "memory_plan.predicted": Source("derived", "the whole-step memory model of wasi_compress.step_plan: parameters, "
+                                    "gradients, optimizer state and the batch from tensor sizes, activations measured "
+                                    "at two small micro-batch sizes and extrapolated linearly"),
     "memory_vanilla": Source("measured", "one step of ordinary fine-tuning (dense linears, exact activations) of "
                              "the same model with the same optimizer and the same trainable parameters"),
 }
@@ -68,6 +71,8 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
         "memory": public(run.memory), "memory_vanilla": public(run.memory_vanilla),
         "step_time_median_s": statistics.median(run.step_times) if run.step_times else None,
         "activation_plan": run.activation_plan, "activation_planning": run.planning,
+        "levers": run.levers.to_dict(),
+        "memory_plan": None if run.step_plan is None else run.step_plan.to_dict(),
         "layers": [layer.to_dict() for layer in run.layers], "output": config.output, "notes": run.notes,
         "config": config.to_dict(),
     }

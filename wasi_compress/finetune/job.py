@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wasi_compress import fileio
-from wasi_compress.errors import DivergedError, UserError
+from wasi_compress.errors import DivergedError, InfeasibleBudgetError, UserError
 from wasi_compress.finetune import distributed as dist_utils
 from wasi_compress.finetune.config import FinetuneConfig
 from wasi_compress.finetune.data import TrainingData, evaluate, permutation
@@ -30,6 +30,12 @@ from wasi_compress.finetune.step_memory import measure_on_copy
 from wasi_compress.finetune.steps import after_step_fn, lr_setter, make_run_optimizer, train_step
 from wasi_compress.outputs import Outputs, lock_outputs
 from wasi_compress.passes.training import BLOCK_ROLES, block_of
+from wasi_compress.units import format_bytes
+
+
+# the share of a memory budget kept back from the plan for the memory model's error (it predicts the
+# measured peak within about 1% on the benchmark models; the measurement then confirms the plan)
+PLAN_MARGIN = 0.02
 
 
 @dataclass
@@ -119,18 +125,24 @@ class FinetuneRun:
         return classes
 
     def _prepare(self, model: nn.Module) -> None:
-        """The `prepare_training_` transform, with a dense twin kept for the vanilla measurement."""
+        """The `prepare_training_` transform and the memory levers, with a dense twin kept for the vanilla
+        measurement. Under --memory-budget the step is planned first (on copies), then checked: a step whose
+        measured peak exceeds the budget is planned again under a budget tightened by the overshoot."""
         from wasi_compress.passes.attention import ExplicitAttentionPass
-        from wasi_compress.transforms.training import prepare_training_
 
         ExplicitAttentionPass()(model)  # before the twin, so both name their projections alike
         twin = copy.deepcopy(model) if (self.config.measure_memory and self.dist.main) else None
-        state = self.state
-        self.status("inserting training modules")
-        handle = prepare_training_(model, self.config.wasi_config(), example=self.calib_x[:2],
-                                   calib=(self.calib_x, self.calib_y),
-                                   weight_ranks=None if state is None else state["weight_ranks"],
-                                   activation_ranks=None if state is None else state["activation_ranks"])
+        self.step_plan = self.plan_inputs = None
+        self.levers = self._resumed_levers() or self._manual_levers()
+        budget = self.config.memory_budget_bytes
+        if budget is not None and self.state is None:
+            planned = self._plan_and_check(copy.deepcopy(model), budget) if self.dist.main else None
+            # rank 0 plans (measurements differ between processes); every process takes its plan
+            self.step_plan, self.levers, self.memory = dist_utils.gather_objects(planned, self.dist)[0]
+            self.notes += self.step_plan.notes
+            handle = self._insert(model)  # the model passed in becomes the one trained
+        else:
+            handle = self._insert(model)
         self.handle, self.model, self.layers = handle, handle.model, handle.layers
         if twin is not None:  # the same trainable parameters as the run (finetune_last froze some)
             frozen = set(handle.frozen)
@@ -140,6 +152,91 @@ class FinetuneRun:
         self.dense_twin = twin
         self._plan_of(handle)
         self._prepare_notes(handle)
+
+    def _plan_and_check(self, dense: nn.Module, budget: int):
+        """Plan under `budget` less a margin for the memory model's error, then measure the planned step on a
+        copy: over the budget, plan again under a target lowered by the overshoot (at most 4 plans).
+        Returns (plan, levers, measured step)."""
+        target, replaced = int(budget * (1 - PLAN_MARGIN)), []
+        for _attempt in range(4):
+            try:
+                self._plan_budget(dense, target)
+            except InfeasibleBudgetError as exc:
+                smallest = math.ceil(exc.smallest_feasible_bytes / (1 - PLAN_MARGIN))
+                raise InfeasibleBudgetError(
+                    f"--memory-budget {self.config.memory_budget} is infeasible for this step: the smallest feasible "
+                    f"budget is {format_bytes(smallest)} ({smallest} bytes; the levers' smallest predicted peak plus "
+                    f"a {PLAN_MARGIN:.0%} margin)", smallest) from None
+            measured = self._measure_self(self._insert(copy.deepcopy(dense), final=False))
+            if measured["peak_bytes"] <= budget:
+                self.step_plan.notes += replaced
+                self.step_plan.user_budget_bytes = budget
+                return self.step_plan, self.levers, measured
+            replaced.append(f"a plan predicted at {self.step_plan.predicted_peak_bytes} bytes measured "
+                            f"{measured['peak_bytes']}, over the budget, and was replaced")
+            target = int(target * budget / measured["peak_bytes"] * (1 - PLAN_MARGIN))
+        raise UserError(f"--memory-budget {self.config.memory_budget}: the planned step measured {measured['peak_bytes']} "
+                        "bytes, over the budget, after 4 plans; give a larger budget")
+
+    def _manual_levers(self):
+        from wasi_compress.step_plan import StepLevers
+
+        c = self.config
+        return StepLevers(micro_batches=c.micro_batches, recompute=c.recompute, layernorm="exact", attention="as-is",
+                          linear_inputs="tucker" if c.method != "vanilla" else "exact")
+
+    def _resumed_levers(self):
+        from wasi_compress.step_plan import StepLevers
+
+        text = (self.state or {}).get("levers")
+        data = json.loads(text) if text else None
+        return StepLevers.from_dict(data) if data else None
+
+    def _plan_budget(self, dense: nn.Module, budget: int) -> None:
+        """Plan under `budget`; the measurements the planner needs are taken once per run."""
+        from wasi_compress.finetune.memory_budget import measure_plan_inputs
+        from wasi_compress.transforms.training import prepare_training_
+
+        if self.plan_inputs is None:
+            self.status(f"planning the step under {self.config.memory_budget}")
+            handle = prepare_training_(copy.deepcopy(dense), self.config.wasi_config(), example=self.calib_x[:2])
+            self.plan_inputs = measure_plan_inputs(dense, handle.model, handle, self.config, self.calib_x, self.calib_y,
+                                                   self.status)
+        self.step_plan = self.plan_inputs.plan(budget)
+        self.levers = self.step_plan.levers
+
+    def _insert(self, model: nn.Module, final: bool = True):
+        """prepare_training_ with the run's ranks (planned, resumed or by threshold), then the levers
+        (``final``: the run's own model, whose notes are kept)."""
+        from wasi_compress.finetune.memory_budget import apply_levers_
+        from wasi_compress.transforms.training import prepare_training_
+
+        config, state = self.config.wasi_config(), self.state
+        if self.levers.linear_inputs == "exact" and config.method == "wasi":
+            config.activation_threshold = None
+        weight_ranks = state["weight_ranks"] if state is not None else (
+            self.step_plan.weight_ranks if self.step_plan is not None else None)
+        self.status("inserting training modules")
+        handle = prepare_training_(model, config, example=self.calib_x[:2], calib=(self.calib_x, self.calib_y),
+                                   weight_ranks=weight_ranks,
+                                   activation_ranks=None if state is None else state["activation_ranks"])
+        notes = apply_levers_(handle.model, self.levers, handle.blocks) if self._levers_on() else []
+        self.notes += notes if final else []
+        return handle
+
+    def _levers_on(self) -> bool:
+        lv = self.levers
+        return lv.recompute or lv.activation != "exact" or lv.layernorm != "exact" or lv.attention != "as-is" \
+            or self.step_plan is not None
+
+    def _measure_self(self, handle) -> dict[str, Any]:
+        self.status("measuring one training step (this method)")
+        return measure_on_copy(handle.model, self.config, self.calib_x, self.calib_y, self._linears(handle),
+                               micro_batches=self.levers.micro_batches)
+
+    @staticmethod
+    def _linears(handle) -> dict[str, str]:
+        return {s.name: s.role for s in handle.capture.sites if s.kind == "module"}
 
     def _plan_of(self, handle) -> None:
         if self.state is not None:
@@ -178,13 +275,12 @@ class FinetuneRun:
     # -- measure --------------------------------------------------------------------------------
     def measure(self) -> None:
         """One step of this model and one of ordinary fine-tuning of the same model, on copies."""
-        linears = {s.name: s.role for s in self.handle.capture.sites if s.kind == "module"}
         if self.dense_twin is not None:
-            self.status("measuring one training step (this method)")
-            self.memory = measure_on_copy(self.model, self.config, self.calib_x, self.calib_y, linears)
+            if self.memory is None:
+                self.memory = self._measure_self(self.handle)
             self.status("measuring one training step (vanilla fine-tuning)")
-            self.memory_vanilla = measure_on_copy(self.dense_twin, self.config, self.calib_x, self.calib_y, linears,
-                                                  ordinary=True)
+            self.memory_vanilla = measure_on_copy(self.dense_twin, self.config, self.calib_x, self.calib_y,
+                                                  self._linears(self.handle), ordinary=True)
             self.dense_twin = None
             gc.collect()
 
@@ -222,7 +318,7 @@ class FinetuneRun:
             y = data.train.labels[idx].to(config.device)
             set_lr(epoch * self.steps + step)
             start = time.perf_counter()
-            loss, out = train_step(train_model, self.optimizer, x, y, after_step)
+            loss, out = train_step(train_model, self.optimizer, x, y, after_step, self.levers.micro_batches)
             self.step_times.append(time.perf_counter() - start)
             self._check_finite(math.isfinite(float(loss)), epoch, step + 1, f"the loss is {float(loss)}")
             totals += torch.tensor([float(loss) * len(idx), float((out.argmax(-1) == y).sum()), len(idx)],
@@ -277,7 +373,7 @@ class FinetuneRun:
             save_resume(resume_path(config.output), outputs, config=config, epoch=epochs_done, model=self.model,
                         optimizer=self.optimizer, history=self.history, step_times=self.step_times,
                         weight_ranks=self.weight_ranks, activation_ranks=self.activation_plan,
-                        planning=self.planning, per_rank=per_rank)
+                        planning=self.planning, per_rank=per_rank, levers=self.levers.to_dict())
             write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source, meta)
             outputs.commit()
 

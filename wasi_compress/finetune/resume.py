@@ -23,7 +23,7 @@ RESUME_VERSION = 1
 # Settings that must match between a run and the run that resumes it (epochs may grow).
 _RESUME_KEYS = ("model", "data", "method", "update", "threshold", "activation_threshold", "activation_budget",
                 "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "step_in_backward",
-                "finetune_last", "seed", "arch", "weights", "num_classes", "img_size")
+                "finetune_last", "memory_budget", "micro_batches", "recompute", "seed", "arch", "weights", "num_classes", "img_size")
 
 
 def resume_path(output: str | os.PathLike) -> Path:
@@ -74,6 +74,8 @@ def check_state_schema(state: Any, path: Path) -> None:
         raise UserError(f"{path}: resume state key 'config' is not a JSON object")
     if _json_or_none(state["planning"]) is _BAD:
         raise UserError(f"{path}: resume state key 'planning' is not JSON")
+    if "levers" in state and (not isinstance(state["levers"], str) or _json_or_none(state["levers"]) is _BAD):
+        raise UserError(f"{path}: resume state key 'levers' is not JSON text")
     if state["epoch"] < 0 or not all(isinstance(r, dict) for r in state["per_rank"]):
         raise UserError(f"{path}: resume state key {'epoch' if state['epoch'] < 0 else 'per_rank'!r} is malformed")
 
@@ -107,7 +109,8 @@ def check_resume(config: FinetuneConfig, state: dict[str, Any], world: int, path
 
 
 def save_resume(path: Path, outputs: Outputs, *, config: FinetuneConfig, epoch: int, model: nn.Module, optimizer, history, step_times,
-                 weight_ranks, activation_ranks, planning, per_rank: list[dict[str, Any]]) -> None:
+                 weight_ranks, activation_ranks, planning, per_rank: list[dict[str, Any]],
+                 levers: dict[str, Any] | None = None) -> None:
     state = {
         "version": RESUME_VERSION,
         "config": config.to_json(),
@@ -120,6 +123,7 @@ def save_resume(path: Path, outputs: Outputs, *, config: FinetuneConfig, epoch: 
         "activation_ranks": activation_ranks,
         "planning": json.dumps(planning),
         "per_rank": per_rank,
+        "levers": json.dumps(levers),  # the memory levers in use (planned under --memory-budget): not re-planned
     }
     outputs.stage(path, lambda tmp: torch.save(state, tmp))
 

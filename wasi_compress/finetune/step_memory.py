@@ -3,6 +3,7 @@ state, and per linear layer its weights + gradients + optimizer state + saved in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 from typing import Any
@@ -45,33 +46,38 @@ def _compressor_tensors(model: nn.Module) -> list[Tensor]:
 
 
 def measure_step(model: nn.Module, optimizer, x: Tensor, y: Tensor, *, linears: dict[str, str],
-                 warmup: bool = True) -> dict[str, Any]:
+                 warmup: bool = True, micro_batches: int = 1, collect: bool = True) -> dict[str, Any]:
     """Measure one training step of `model` (modified: run it on a copy).
 
     ``linears`` maps each linear layer's module name to its role. A warm-up step first creates the
     optimizer state and fixes the compressors' ranks; then, on the measured step: peak_bytes
     (LiveTensorBytes over forward + backward + optimizer step, parameters, buffers, optimizer state and
     the batch included), saved_activation_bytes, grads_bytes, optimizer_bytes, params_bytes,
-    linear_layers_bytes and paper_scope_bytes (see SOURCES)."""
+    linear_layers_bytes and paper_scope_bytes (see SOURCES). With ``micro_batches`` m > 1 the step runs
+    as `train_step` does (m chunks, gradients accumulated); saved bytes are those of the first chunk."""
     model.train()
     after_step = after_step_fn(model)
     if warmup:
-        train_step(model, optimizer, x, y, after_step)
+        train_step(model, optimizer, x, y, after_step, micro_batches)
     optimizer.zero_grad(set_to_none=True)
-    gc.collect()
+    if collect:  # a full collection costs about 0.3 s in a process that imported timm
+        gc.collect()
     modules = {name: model.get_submodule(name) for name in linears}
     params = list(model.parameters())
     baseline = params + list(model.buffers()) + optimizer_tensors(optimizer) + _compressor_tensors(model) + [x, y]
-    with LiveTensorBytes(baseline) as live, SavedActivationMeter(model, modules) as saved:
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    chunks = [(cx, cy) for cx, cy in zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)) if len(cx)]
+    saved = SavedActivationMeter(model, modules)
+    with LiveTensorBytes(baseline) as live:
+        for i, (cx, cy) in enumerate(chunks):
+            with saved if i == 0 else contextlib.nullcontext():
+                out = model(cx)
+            loss = F.cross_entropy(out, cy) * (len(cx) / len(x))
+            loss.backward()
+            del out, loss
         grads_bytes = storage_bytes(p.grad for p in params if p.grad is not None)
         layer_grads = {name: storage_bytes(p.grad for p in m.parameters() if p.grad is not None) for name, m in modules.items()}
         optimizer.step()
         after_step()
-        del out, loss
     per_layer, linear_bytes, paper_bytes = _per_layer(modules, linears, optimizer, layer_grads, saved.per_module)
     optimizer.zero_grad(set_to_none=True)
     return {
@@ -97,12 +103,14 @@ def _per_layer(modules, linears, optimizer, layer_grads, per_saved):
 
 
 def measure_on_copy(model: nn.Module, config, x: Tensor, y: Tensor, linears: dict[str, str], *,
-                    ordinary: bool = False) -> dict[str, Any]:
-    """measure_step on a copy of `model`, leaving `model` and the global RNG untouched."""
+                    ordinary: bool = False, micro_batches: int = 1) -> dict[str, Any]:
+    """measure_step on a copy of `model`, leaving `model` and the global RNG untouched. ``ordinary``: the
+    vanilla baseline's step (one batch, a plain optimizer step after backward)."""
     with torch.random.fork_rng(devices=[]):
         twin = copy.deepcopy(model)
         optimizer = make_run_optimizer([p for p in twin.parameters() if p.requires_grad], config, ordinary=ordinary)
-        result = measure_step(twin, optimizer, x, y, linears=linears)
+        result = measure_step(twin, optimizer, x, y, linears=linears,
+                              micro_batches=1 if ordinary else micro_batches)
         del twin, optimizer
         gc.collect()
     return result

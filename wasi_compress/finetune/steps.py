@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,16 +44,30 @@ def lr_setter(model: nn.Module, optimizer, config, steps_per_epoch: int) -> Call
 
 
 def train_step(model: nn.Module, optimizer, x: Tensor, y: Tensor,
-               after_step: Callable[[], None]) -> tuple[Tensor, Tensor]:
+               after_step: Callable[[], None], micro_batches: int = 1) -> tuple[Tensor, Tensor]:
     """Forward, cross-entropy, backward, optimizer step, then re-orthonormalise optimizer-step WASI
-    layers. Subspace-iteration layers update their L, R during backward."""
-    out = model(x)
-    loss = F.cross_entropy(out, y)
+    layers. Subspace-iteration layers update their L, R during backward.
+
+    With ``micro_batches`` m > 1 the batch is split into m chunks whose gradients accumulate before the
+    one optimizer step: each chunk's loss is weighted by its share of the batch, so the accumulated
+    gradient is the full batch's mean-loss gradient (exact up to float summation order, for models with
+    no batch-coupled layer such as BatchNorm), while autograd saves one chunk's activations at a time."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    chunks_x, chunks_y = x.tensor_split(micro_batches), y.tensor_split(micro_batches)
+    chunks = [(cx, cy) for cx, cy in zip(chunks_x, chunks_y) if len(cx)]
+    total, outs = x.new_zeros(()), []
+    for i, (cx, cy) in enumerate(chunks):
+        sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")  # DDP all-reduces on the last chunk only
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            out = model(cx)
+            loss = F.cross_entropy(out, cy) * (len(cx) / len(x))
+            loss.backward()
+        total += loss.detach()
+        outs.append(out.detach())
+        del out, loss
     optimizer.step()
     after_step()
-    return loss.detach(), out.detach()
+    return total, outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def make_run_optimizer(params: list[nn.Parameter], config, *, ordinary: bool = False):

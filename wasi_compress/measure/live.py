@@ -5,7 +5,7 @@ runs under the same mode on CPU, and the optimizer step) reports its outputs, an
 reference per output storage (``StorageWeakRef``, which does not keep the data alive). After each op it
 adds up the bytes of the storages still alive, plus a baseline of tensors that existed before the step
 (parameters, buffers, optimizer state, the batch, any extra state such as compressor factors), and keeps
-the maximum. So ``peak_bytes`` is the largest total of live tensor storage seen at op granularity over the
+the maximum (only after an op that allocated: frees alone never raise it). So ``peak_bytes`` is the largest total of live tensor storage seen at op granularity over the
 whole step. Not counted: scratch memory a kernel allocates and frees inside one op (BLAS workspaces),
 allocator caching and fragmentation, and Python objects; tensors are counted by storage, so views and
 shared storages count once."""
@@ -34,15 +34,19 @@ class LiveTensorBytes(TorchDispatchMode):
             self._add(t)
         self._refresh()
 
-    def _add(self, t: Tensor) -> None:
+    def _add(self, t: Tensor) -> bool:
+        """Track the storage of `t`; True when it is new (a view of a tracked storage is not)."""
         if t.device.type == "meta":
-            return
+            return False
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, functional)
-            return
+            return False
         ref = StorageWeakRef(storage)
+        if ref.cdata in self._live and not self._live[ref.cdata][0].expired():
+            return False
         self._live[ref.cdata] = (ref, storage.nbytes())
+        return True
 
     def _refresh(self) -> None:
         total, dead = 0, []
@@ -58,8 +62,10 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        added = False
         for t in tree_leaves(out):
             if isinstance(t, Tensor):
-                self._add(t)
-        self._refresh()
+                added |= self._add(t)
+        if added:  # the total rises only when a storage is allocated, so only then can the peak move
+            self._refresh()
         return out

@@ -1,0 +1,237 @@
+"""Whole-step memory (issue 13): the exact levers (micro-batching, per-block recomputation), the step
+planner (a pure function over measured fits), and `finetune --memory-budget` end to end on the tiny ViT:
+the measured peak stays under the budget, the prediction is close to it, an infeasible budget names the
+smallest feasible one."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wasi_compress  # noqa: F401  (before timm)
+from wasi_compress.errors import InfeasibleBudgetError, UserError
+from wasi_compress.finetune import FinetuneConfig, finetune, train_step
+from wasi_compress.measure import LiveTensorBytes
+from wasi_compress.planner import Candidate, LayerCandidates, plan_brute_force
+from wasi_compress.recompute import is_recomputed, recompute_blocks_, restore_blocks_
+from wasi_compress.step_plan import ActivationFit, StepLevers, plan_step
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny(vit_models):
+    return vit_models.tiny_timm_vit
+
+
+def _batch(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------------------------------- exact levers
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3, 16])
+def test_micro_batches_give_the_batch_step(tiny, micro_batches):
+    x, y = _batch(16)
+    one, many = tiny(), tiny()
+    many.load_state_dict(one.state_dict())
+    results = []
+    for model, m in ((one, 1), (many, micro_batches)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            loss, out = train_step(model, opt, x, y, lambda: None, m)
+        results.append((loss, out))
+    for (n, a), b in zip(one.named_parameters(), many.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)  # the batch's mean loss
+    assert results[1][1].shape == (16, 10)
+
+
+def test_recomputed_blocks_give_the_same_gradients_and_survive_deepcopy(tiny):
+    x, y = _batch(16)
+    model = tiny()
+    reference = _grads(model, x, y)
+    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    assert recompute_blocks_(model, names) == names
+    twin = copy.deepcopy(model)  # the copy recomputes too, through its own blocks
+    assert all(is_recomputed(b) for b in twin.blocks)
+    keys = list(tiny().state_dict())
+    assert list(twin.state_dict()) == keys  # no parameter renamed
+    got = _grads(twin, x, y)
+    assert set(got) == set(reference)
+    for name in reference:
+        assert torch.allclose(got[name], reference[name], atol=1e-6), name
+    assert restore_blocks_(twin) == names and not any(is_recomputed(b) for b in twin.blocks)
+
+
+def test_recompute_of_a_missing_block_is_one_line(tiny):
+    with pytest.raises(UserError, match="blocks.9"):
+        recompute_blocks_(tiny(), ["blocks.9"])
+
+
+def _peak(model, x, y, m=1):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model, opt, x, y, lambda: None, m)
+    with LiveTensorBytes(list(model.parameters()) + [x, y]) as live:
+        train_step(model, opt, x, y, lambda: None, m)
+    return live.peak_bytes
+
+
+def test_exact_levers_lower_the_measured_peak(tiny):
+    x, y = _batch(64)
+    model = tiny()
+    vanilla = _peak(model, x, y)
+    chunked = _peak(model, x, y, 8)
+    recompute_blocks_(model, [f"blocks.{i}" for i in range(len(model.blocks))])
+    both = _peak(model, x, y, 8)
+    assert chunked < vanilla and both < chunked
+
+
+# ------------------------------------------------------------------------------------------ planner
+
+
+def _weights():
+    return [LayerCandidates(f"l{i}", (Candidate(1000, 0.0, None, "dense"), Candidate(400, 0.1 * (i + 1), 8, "rank 8"),
+                                      Candidate(200, 0.3 * (i + 1), 4, "rank 4"))) for i in range(3)]
+
+
+def _fits():
+    # activation bytes at micro-batch b: a + s b; recomputation and codes cut the slope
+    fits = {}
+    for recompute in (False, True):
+        for activation, scale in (("exact", 1.0), ("code8", 0.8), ("code2", 0.7)):
+            for accumulate in (False, True):
+                slope = int(100 * scale * (0.3 if recompute else 1.0))
+                fits[(recompute, activation, "exact", accumulate)] = ActivationFit(2, 50 + 2 * slope, 4, 50 + 4 * slope)
+    return fits
+
+
+ERRORS = {("activation", "exact"): 0.0, ("activation", "code8"): 0.01, ("activation", "code2"): 0.2}
+OPTIONS = [StepLevers(m, r, a) for m in (1, 2, 4, 8) for r in (False, True) for a in ("exact", "code8", "code2")]
+
+
+def _plan(budget, options=OPTIONS):
+    return plan_step(budget_bytes=budget, batch_size=8, fixed_bytes=500, batch_bytes=80, weight_layers=_weights(),
+                     fits=_fits(), lever_errors=ERRORS, options=options)
+
+
+def test_planner_takes_the_whole_model_at_a_generous_budget():
+    plan = _plan(10_000)
+    assert plan.levers == StepLevers(1, False, "exact") and plan.error["total"] == 0.0
+    assert plan.weight_ranks == {"l0": None, "l1": None, "l2": None}
+    assert plan.predicted["peak"] == 500 + 3000 + 80 + (50 + 8 * 100) <= 10_000
+
+
+def test_planner_prefers_exact_levers_to_lower_ranks_and_stays_under_the_budget():
+    plan = _plan(4200)  # dense weights fit only with the activation term cut by exact levers
+    assert plan.error["total"] == 0.0 and plan.levers.activation == "exact"
+    assert plan.levers.micro_batches > 1 or plan.levers.recompute
+    assert plan.predicted["peak"] <= 4200
+    # the fewest micro-batches that fit, then no recomputation: the faster step among equal errors
+    cheaper = [o for o in OPTIONS if (o.micro_batches, o.recompute) < (plan.levers.micro_batches, plan.levers.recompute)
+               and o.activation == "exact"]
+    for option in cheaper:
+        assert _plan(10**9, [option]).predicted["peak"] > 4200
+
+
+def test_planner_weight_ranks_are_the_exact_optimum_within_what_the_step_leaves():
+    plan = _plan(2000)
+    rest = plan.predicted["fixed"] + plan.predicted["batch"] + plan.predicted["activations"]
+    best = plan_brute_force(_weights(), 2000 - rest)
+    assert plan.error["weights"] == pytest.approx(best.total_error)
+    assert plan.predicted["peak"] <= 2000
+
+
+def test_an_infeasible_budget_names_the_smallest_feasible_one():
+    with pytest.raises(InfeasibleBudgetError) as info:
+        _plan(100)
+    smallest = info.value.smallest_feasible_bytes
+    assert str(smallest) in str(info.value)
+    assert _plan(smallest).predicted["peak"] <= smallest  # and it is feasible
+    with pytest.raises(InfeasibleBudgetError):
+        _plan(smallest - 1)
+
+
+def test_levers_round_trip_and_validate():
+    levers = StepLevers(4, True, "code8", "tucker")
+    assert StepLevers.from_dict(levers.to_dict()) == levers
+    for bad in ({"micro_batches": 0}, {"activation": "code3"}, {"recompute": "yes"}, {"colour": 1}):
+        with pytest.raises(UserError):
+            StepLevers.from_dict({**levers.to_dict(), **bad})
+
+
+# ------------------------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("settings, message", [
+    ({"micro_batches": 0}, "--micro-batches must be an integer from 1"),
+    ({"micro_batches": 65}, "--micro-batches must be an integer from 1 to --batch-size"),
+    ({"micro_batches": 2, "step_in_backward": True, "update": "optimizer-step"}, "--step-in-backward"),
+    ({"micro_batches": 2}, "--update optimizer-step"),
+    ({"memory_budget": "20MB", "micro_batches": 2, "update": "optimizer-step"}, "chooses the micro-batches"),
+    ({"memory_budget": "lots"}, "--memory-budget"),
+])
+def test_bad_memory_settings_are_refused(settings, message):
+    with pytest.raises(UserError, match=message):
+        FinetuneConfig(model="builtin:mnist-vit", data="digits", **settings)
+
+
+# --------------------------------------------------------------------------------------- end to end
+
+def _run(budget=None, method="wasi", **more):
+    config = FinetuneConfig(model="vit_models:tiny_timm_vit", data="digits", method=method, update="optimizer-step",
+                            momentum=0.9, lr=0.01, epochs=1, batch_size=64, memory_budget=budget, **more)
+    return finetune(config).doc
+
+
+@pytest.mark.slow
+def test_finetune_fits_its_measured_peak_under_the_budget(tiny):
+    vanilla = _run(method="vanilla")
+    budget = vanilla["memory_vanilla"]["peak_bytes"] // 4
+    doc = _run(budget)
+    measured = doc["memory"]["peak_bytes"]
+    predicted = doc["memory_plan"]["predicted"]["peak"]
+    assert measured <= budget
+    assert abs(predicted - measured) <= 0.1 * measured, (predicted, measured)
+    assert doc["levers"] == doc["memory_plan"]["levers"]
+    plan = doc["memory_plan"]
+    assert plan["budget_bytes"] == budget and plan["planned_under_bytes"] < budget  # a margin for the model's error
+
+
+@pytest.mark.slow
+def test_exact_levers_under_a_budget_train_as_vanilla_does(tiny):
+    """Vanilla under a budget that exact levers meet: the same model, to float rounding."""
+    plain = _run(method="vanilla")
+    budget = plain["memory_vanilla"]["peak_bytes"] // 3
+    doc = _run(budget, method="vanilla")
+    assert doc["memory"]["peak_bytes"] <= budget
+    assert doc["memory_plan"]["error"]["total"] == 0.0
+    levers = doc["levers"]
+    assert levers["activation"] == "exact" and (levers["micro_batches"] > 1 or levers["recompute"])
+    assert doc["epochs"][0]["loss"] == pytest.approx(plain["epochs"][0]["loss"], rel=1e-4)
+    assert abs(doc["final"]["accuracy"] - plain["final"]["accuracy"]) <= 1.5 / doc["test_images"]
+
+
+@pytest.mark.slow
+def test_finetune_memory_budget_infeasible_is_exit_2_with_the_smallest(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = cli("finetune", "vit_models:tiny_timm_vit", "--data", "digits", "--update", "optimizer-step",
+                 "--epochs", "1", "--memory-budget", "100KB", "-o", out)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --memory-budget 100KB is infeasible"), lines
+    assert "smallest feasible budget is" in lines[0] and "Traceback" not in result.output
+    assert not out.exists()
+    smallest = int(lines[0].split("(")[1].split(" bytes")[0])
+    config = FinetuneConfig(model="vit_models:tiny_timm_vit", data="digits", update="optimizer-step", epochs=1,
+                            memory_budget=smallest)
+    assert finetune(config).doc["memory"]["peak_bytes"] <= smallest  # the named budget works

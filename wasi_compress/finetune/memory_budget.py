@@ -1,0 +1,206 @@
+"""`--memory-budget`: measure what the planner needs on the real model, plan the step
+(`wasi_compress.step_plan.plan_step`) and apply the chosen levers.
+
+What is measured, on copies of the model (nothing here trains the run's model):
+- per lever combination (`StepLevers.fit_key`), the activation term at two small micro-batch sizes: the
+  live-tensor peak of a real step (`measure_step`) minus the derived terms (parameters, buffers, whole
+  gradients, optimizer state, the batch);
+- the Tucker form's relative weight-gradient error per layer on the calibration batch
+  (`passes.training.layer_candidates`), and each activation code's relative gradient error.
+Derived: each planned layer's weight candidates from its spectrum (ranks at explained-variance
+thresholds up to break-even, and the dense layer), costed as parameters x (1 + gradient + optimizer-state
+copies) and errored as the relative truncation error.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+import torch
+from torch import Tensor, nn
+
+from wasi_compress.modules.training import WASILinear
+from wasi_compress.planner import Candidate, LayerCandidates
+from wasi_compress.step_plan import ACTIVATION_FORMS, ActivationFit, StepLevers, StepPlan, plan_step
+
+__all__ = ["PlanInputs", "apply_levers_", "measure_plan_inputs", "state_copies"]
+
+WEIGHT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def apply_levers_(model: nn.Module, levers: StepLevers, blocks: Sequence[str]) -> list[str]:
+    """Apply the forms of `levers` to the model's blocks in place (micro-batching is the loop's).
+    Returns notes on what changed."""
+    from wasi_compress.passes.saved_forms import SavedFormsPass
+    from wasi_compress.recompute import recompute_blocks_
+
+    notes = []
+    if levers.linear_inputs == "exact":
+        for m in model.modules():
+            if isinstance(m, WASILinear):
+                m.compressor = None
+    SavedFormsPass(layernorm=levers.layernorm, activation=levers.activation, attention=levers.attention,
+                   blocks=tuple(blocks))(model)
+    if levers.recompute:
+        notes.append(f"{len(recompute_blocks_(model, blocks))} blocks recompute their forward in backward")
+    return notes
+
+
+def state_copies(config) -> int:
+    """Optimizer-state tensors per trained parameter: SGD with momentum 1, AdamW 2, plain SGD 0."""
+    if config.optimizer == "adamw":
+        return 2
+    return 1 if config.momentum else 0
+
+
+def _options(config, blocks_ok: bool, method: str) -> list[StepLevers]:
+    in_backward = config.step_in_backward or (method == "wasi" and config.update == "subspace-iteration")
+    counts = [1] if in_backward else sorted({min(2 ** i, config.batch_size) for i in range(12)})
+    linear = ("exact", "tucker") if method == "wasi" else (("tucker",) if method == "asi" else ("exact",))
+    return [StepLevers(m, r, a, li) for m in counts for r in ((False, True) if blocks_ok else (False,))
+            for a in ACTIVATION_FORMS for li in linear]
+
+
+def _fit_sizes(batch_size: int) -> tuple[int, int]:
+    return (1, 2) if batch_size < 8 else (2, 4)
+
+
+def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x: Tensor, y: Tensor, b: int) -> int:
+    """The live peak of one step with `levers` at micro-batch `b` minus the derived terms."""
+    from wasi_compress.finetune.step_memory import measure_step
+    from wasi_compress.finetune.steps import make_run_optimizer
+
+    chunks = 2 if levers.micro_batches > 1 else 1
+    with torch.random.fork_rng(devices=[]):
+        twin = copy.deepcopy(prepared)
+        apply_levers_(twin, levers, blocks)
+        trained = [p for p in twin.parameters() if p.requires_grad]
+        optimizer = make_run_optimizer(trained, config, ordinary=chunks > 1)
+        xs, ys = x[:chunks * b], y[:chunks * b]
+        result = measure_step(twin, optimizer, xs, ys, linears={}, micro_batches=chunks, collect=False)
+        grads = sum(p.numel() * p.element_size() for p in trained)
+        batch = xs.numel() * xs.element_size() + ys.numel() * ys.element_size()
+        term = result["peak_bytes"] - result["params_bytes"] - result["optimizer_bytes"] - grads - batch
+    return max(0, term)
+
+
+def _fits(prepared, options, blocks, config, x, y, status) -> dict[tuple, ActivationFit]:
+    b1, b2 = _fit_sizes(config.batch_size)
+    keys = list(dict.fromkeys(levers.fit_key for levers in options))
+    fits = {}
+    for levers in options:
+        if levers.fit_key not in fits:
+            status(f"measuring lever combination {len(fits) + 1}/{len(keys)}")
+            fits[levers.fit_key] = ActivationFit(b1, _activation_term(prepared, levers, blocks, config, x, y, b1),
+                                                 b2, _activation_term(prepared, levers, blocks, config, x, y, b2))
+    return fits
+
+
+def _weight_layers(dense: nn.Module, sites, method: str, copies: int) -> list[LayerCandidates]:
+    """Rank candidates of each planned linear (wasi) or its dense cost alone (asi, vanilla)."""
+    from wasi_compress.spectrum import break_even_rank, errors_for_ranks, ranks_for_thresholds, singular_values
+
+    layers = []
+    for site in sites:
+        m = dense.get_submodule(site.name)
+        o, i = site.out_features, site.in_features
+        bias = o * m.weight.element_size() if getattr(m, "bias", None) is not None else 0
+        elem = m.weight.element_size()
+        cands = [Candidate((o * i * elem + bias) * copies, 0.0, None, "dense")]
+        if method == "wasi":
+            spectrum = singular_values(m.weight.detach())
+            ranks = sorted({k for k in ranks_for_thresholds(spectrum, WEIGHT_THRESHOLDS).values()
+                            if k <= break_even_rank(o, i)})
+            cands += [Candidate((k * (o + i) * elem + bias) * copies, e, k, f"rank {k}")
+                      for k, e in zip(ranks, errors_for_ranks(spectrum, ranks))]
+        layers.append(LayerCandidates(site.name, tuple(cands)))
+    return layers
+
+
+def _lever_errors(dense, sites, blocks, config, x, y) -> dict[tuple[str, str], float]:
+    from wasi_compress.modules.saved_forms import derivative_error
+    from wasi_compress.passes.training import layer_candidates
+
+    method = config.method
+    activation_modules = sum(1 for name, m in dense.named_modules() if type(m) in (nn.GELU, nn.SiLU)
+                             and block_in(name, blocks))
+    errors = {("activation", "exact"): 0.0, ("linear_inputs", "exact"): 0.0}
+    for form in ("code8", "code2"):
+        errors[("activation", form)] = activation_modules * derivative_error("gelu", int(form[-1]))
+    if method in ("wasi", "asi"):
+        layers = layer_candidates(dense, [s for s in sites if s.kind == "module"], x, y,
+                                  thresholds=(config.activation_threshold,))
+        errors[("linear_inputs", "tucker")] = sum(max(c.error for c in layer.candidates) for layer in layers)
+    return errors
+
+
+@dataclass
+class PlanInputs:
+    """What `plan_step` needs, measured once per run (re-plans under another budget reuse it)."""
+
+    batch_size: int
+    options: list[StepLevers]
+    weight_layers: list[LayerCandidates]
+    fixed_bytes: int
+    batch_bytes: int
+    fits: dict[tuple, ActivationFit]
+    lever_errors: dict[tuple[str, str], float]
+    notes: list[str] = field(default_factory=list)
+
+    def plan(self, budget_bytes: int) -> StepPlan:
+        step = plan_step(budget_bytes=budget_bytes, batch_size=self.batch_size, fixed_bytes=self.fixed_bytes,
+                         batch_bytes=self.batch_bytes, weight_layers=self.weight_layers, fits=self.fits,
+                         lever_errors=self.lever_errors, options=self.options)
+        step.notes += self.notes
+        return step
+
+
+def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x: Tensor, y: Tensor,
+                        status=lambda _text: None) -> PlanInputs:
+    """Measure what planning the step of `config` needs, for a model whose dense form is `dense` and whose
+    `prepare_training_` form (at the configured thresholds) is `prepared`, with `handle` its handle;
+    (x, y): the calibration batch; ``status(text)`` hears progress. Neither model is changed."""
+    from wasi_compress.passes.training import BLOCK_ROLES
+
+    blocks_ok = all(_is_module(prepared, b) for b in handle.blocks) and bool(handle.blocks)
+    options = _options(config, blocks_ok, config.method)
+    changed = {layer.name for layer in handle.layers if layer.module != "dense"}
+    selected = [s for s in handle.capture.sites if s.kind == "module" and s.role in BLOCK_ROLES
+                and block_in(s.name, handle.blocks) and (s.name in changed or config.method == "vanilla")]
+    copies = 1 + (0 if (config.method == "wasi" and config.update == "subspace-iteration") else 1) + state_copies(config)
+    notes = [] if blocks_ok else ["per-block recomputation was not considered: the blocks are not modules of the model"]
+    return PlanInputs(
+        batch_size=config.batch_size, options=options,
+        weight_layers=_weight_layers(dense, selected, config.method, copies),
+        fixed_bytes=_fixed_bytes(prepared, {s.name for s in selected}, state_copies(config)),
+        batch_bytes=config.batch_size * (x[0].numel() * x.element_size() + y.element_size()),
+        fits=_fits(prepared, options, handle.blocks, config, x, y, status),
+        lever_errors=_lever_errors(dense, selected, handle.blocks, config, x, y), notes=notes)
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _fixed_bytes(prepared: nn.Module, planned: set[str], state: int) -> int:
+    """Parameters and buffers outside the planned layers, with gradients and optimizer state of the trained ones."""
+    total = 0
+    for name, module in prepared.named_modules():
+        if name in planned or any(name.startswith(p + ".") for p in planned):
+            continue
+        for p in module.parameters(recurse=False):
+            total += p.numel() * p.element_size() * ((2 + state) if p.requires_grad else 1)
+        for b in module.buffers(recurse=False):
+            total += b.numel() * b.element_size()
+    return total
+
+
+def block_in(name: str, blocks: Sequence[str]) -> bool:
+    from wasi_compress.passes.training import block_of
+
+    return block_of(name) in blocks

@@ -1,0 +1,178 @@
+"""The whole-step memory planner (issue 13): which memory levers a training step uses, and the weight
+ranks, so that its peak fits a byte budget at the least error. A pure function of measured inputs.
+
+The levers (`StepLevers`) and what each costs in error:
+
+- ``micro_batches`` m: the batch runs as m chunks whose gradients accumulate before one optimizer step
+  (exact: the same gradient); saved tensors are one chunk's.
+- ``recompute``: every block keeps only its inputs and re-runs its forward in backward (exact).
+- ``activation``: GELU/SiLU keep a code of their input for backward (``code8``, ``code2``) instead of the
+  input (``exact``); error: the code's relative gradient error, once per block.
+- ``linear_inputs``: the block linears keep their inputs exact or as Tucker forms (``tucker``, the
+  method's activation threshold); error: the relative weight-gradient error of each layer, summed.
+- always on under a budget, since they are exact and never cost memory: LayerNorm computes its backward
+  from its output (memory-sharing LayerNorm) and attention runs the fused kernel (no probabilities kept).
+
+The memory model, term by term (every term in bytes, at the run's batch B and micro-batch b = ceil(B/m)):
+
+    peak = fixed + sum over planned layers of their weight cost + batch + activations(b)
+
+``fixed``: parameters, buffers, gradients and optimizer state of everything the planner does not size
+(derived from tensor sizes); the weight cost of a planned layer: its parameters (L and R, or the dense
+weight) times (1 + gradient + optimizer-state copies) (derived); ``batch``: the input batch (derived);
+``activations(b)``: what a step holds beyond those, measured on the real model with these levers at two
+small micro-batch sizes (the live-tensor tracker's peak minus the derived terms) and extrapolated
+linearly in b (`ActivationFit`). Gradients are counted whole (conservative: at the peak some may not
+exist yet).
+
+The choice is exact over the candidate set: for every lever combination the planned layers' ranks are
+chosen by the exact DP planner (`wasi_compress.planner.plan_dp`, relative weight error per layer) within
+what the rest of the step leaves of the budget; the combination with the least total error wins (ties:
+fewer micro-batches, then no recomputation, which are faster).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from wasi_compress.errors import InfeasibleBudgetError, UserError
+from wasi_compress.planner import LayerCandidates, Plan, plan_dp
+from wasi_compress.units import format_bytes
+
+__all__ = ["ACTIVATION_FORMS", "LINEAR_INPUT_FORMS", "ActivationFit", "StepLevers", "StepPlan", "plan_step"]
+
+ACTIVATION_FORMS = ("exact", "code8", "code2")
+LINEAR_INPUT_FORMS = ("exact", "tucker")
+
+
+@dataclass(frozen=True)
+class StepLevers:
+    """One combination of levers (see the module docstring)."""
+
+    micro_batches: int = 1
+    recompute: bool = False
+    activation: str = "exact"
+    linear_inputs: str = "exact"
+    layernorm: str = "shared"
+    attention: str = "fused"
+
+    def __post_init__(self):
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise UserError(f"micro_batches must be a positive integer, got {self.micro_batches!r}")
+        if not isinstance(self.recompute, bool):
+            raise UserError(f"recompute must be true or false, got {self.recompute!r}")
+        for name, options in (("activation", ACTIVATION_FORMS), ("linear_inputs", LINEAR_INPUT_FORMS),
+                              ("layernorm", ("shared", "exact")), ("attention", ("fused", "as-is"))):
+            if getattr(self, name) not in options:
+                raise UserError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+
+    @property
+    def fit_key(self) -> tuple[bool, str, str, bool]:
+        """What the activation term depends on: the forms, and whether gradients accumulate (m > 1)."""
+        return (self.recompute, self.activation, self.linear_inputs, self.micro_batches > 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StepLevers:
+        if not isinstance(data, dict) or set(data) - set(cls.__dataclass_fields__):
+            raise UserError(f"step levers must be an object with keys among {', '.join(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ActivationFit:
+    """activations(b) = a + s b from two measured micro-batch sizes (b1 < b2)."""
+
+    b1: int
+    bytes1: int
+    b2: int
+    bytes2: int
+
+    def at(self, b: int) -> int:
+        slope = (self.bytes2 - self.bytes1) / (self.b2 - self.b1)
+        return max(0, int(math.ceil(self.bytes1 + slope * (b - self.b1))))
+
+
+@dataclass
+class StepPlan:
+    """The chosen levers and ranks, with the predicted peak term by term."""
+
+    levers: StepLevers
+    weight_ranks: dict[str, int | None]
+    predicted: dict[str, int]
+    error: dict[str, float]
+    budget_bytes: int
+    weight_plan: Plan | None = None
+    considered: int = 0
+    notes: list[str] = field(default_factory=list)
+    user_budget_bytes: int | None = None  # the budget asked for; ``budget_bytes`` is what it was planned under
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.predicted["peak"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"levers": self.levers.to_dict(), "weight_ranks": self.weight_ranks, "predicted": self.predicted,
+                "error": self.error, "budget_bytes": self.user_budget_bytes or self.budget_bytes,
+                "planned_under_bytes": self.budget_bytes, "considered": self.considered,
+                "memory_model": "peak = fixed + planned weights + batch + activations(micro-batch); fixed, weights "
+                                "and batch derived from tensor sizes, activations measured at two small micro-batch "
+                                "sizes with these levers and extrapolated linearly",
+                "error_proxy": "sum of relative errors: weight truncation ||W - W_k||_F / ||W||_F per planned layer, "
+                               "activation-code gradient error per block, Tucker weight-gradient error per layer",
+                "notes": self.notes}
+
+
+def _micro_batch(batch_size: int, m: int) -> int:
+    return -(-batch_size // m)
+
+
+def plan_step(*, budget_bytes: int, batch_size: int, fixed_bytes: int, batch_bytes: int,
+              weight_layers: Sequence[LayerCandidates], fits: Mapping[tuple, ActivationFit],
+              lever_errors: Mapping[tuple[str, str], float], options: Sequence[StepLevers]) -> StepPlan:
+    """The least-error plan whose predicted peak fits ``budget_bytes`` (see the module docstring).
+
+    ``weight_layers``: per planned layer its candidates (cost = parameter bytes x (1 + gradient + state
+    copies), error = relative weight error). ``fits``: the activation fit of each ``StepLevers.fit_key``.
+    ``lever_errors[("activation", form)]`` and ``[("linear_inputs", form)]``: the error of each form.
+    Raises InfeasibleBudgetError naming the smallest predicted peak of any option."""
+    best: tuple | None = None
+    smallest = None
+    for levers in options:
+        fit = fits.get(levers.fit_key)
+        if fit is None:
+            continue
+        activations = fit.at(_micro_batch(batch_size, levers.micro_batches))
+        rest = fixed_bytes + batch_bytes + activations
+        floor = rest + sum(min(c.cost_bytes for c in layer.candidates) for layer in weight_layers)
+        smallest = floor if smallest is None else min(smallest, floor)
+        if floor > budget_bytes:
+            continue
+        weights = plan_dp(weight_layers, budget_bytes - rest) if weight_layers else None
+        lever_error = lever_errors.get(("activation", levers.activation), 0.0) + \
+            lever_errors.get(("linear_inputs", levers.linear_inputs), 0.0)
+        total = (weights.total_error if weights else 0.0) + lever_error
+        key = (round(total, 12), levers.micro_batches, levers.recompute)
+        if best is None or key < best[0]:
+            best = (key, levers, weights, activations, lever_error)
+    if best is None:
+        if smallest is None:
+            raise UserError("no lever combination could be measured for this model")
+        raise InfeasibleBudgetError(f"memory budget {format_bytes(budget_bytes)} is infeasible: the smallest whole-step "
+                                    f"peak the levers reach is predicted at {format_bytes(smallest)} ({smallest} bytes)",
+                                    smallest)
+    _key, levers, weights, activations, lever_error = best
+    chosen = dict(weights.chosen(weight_layers)) if weights else {}
+    weight_bytes = weights.total_cost_bytes if weights else 0
+    predicted = {"fixed": fixed_bytes, "weights": weight_bytes, "batch": batch_bytes, "activations": activations,
+                 "peak": fixed_bytes + weight_bytes + batch_bytes + activations,
+                 "micro_batch": _micro_batch(batch_size, levers.micro_batches)}
+    error = {"weights": weights.total_error if weights else 0.0, "levers": lever_error,
+             "total": (weights.total_error if weights else 0.0) + lever_error}
+    ranks = {name: cand.rank for name, cand in chosen.items()}
+    return StepPlan(levers, ranks, predicted, error, budget_bytes, weights, len(options))
