@@ -235,3 +235,33 @@ def test_finetune_memory_budget_infeasible_is_exit_2_with_the_smallest(cli, tmp_
     config = FinetuneConfig(model="vit_models:tiny_timm_vit", data="digits", update="optimizer-step", epochs=1,
                             memory_budget=smallest)
     assert finetune(config).doc["memory"]["peak_bytes"] <= smallest  # the named budget works
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt(epoch, _record):
+    if epoch == 0:
+        raise _Interrupt
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_resumes_to_the_uninterrupted_result_without_replanning(tiny, tmp_path, monkeypatch):
+    kw = dict(model="vit_models:tiny_timm_vit", data="digits", method="wasi", update="optimizer-step", momentum=0.9,
+              lr=0.01, batch_size=64, seed=2, memory_budget=600_000, finetune_last=1)
+    straight = finetune(FinetuneConfig(epochs=2, output=str(tmp_path / "a.safetensors"), **kw))
+    out = str(tmp_path / "b.safetensors")
+    with pytest.raises(_Interrupt):
+        finetune(FinetuneConfig(epochs=2, output=out, **kw), on_epoch=_interrupt)
+    import wasi_compress.finetune.memory_budget as memory_budget
+
+    def no_planning(*_a, **_k):
+        raise AssertionError("a resumed run must not plan again")
+
+    monkeypatch.setattr(memory_budget, "measure_plan_inputs", no_planning)
+    resumed = finetune(FinetuneConfig(epochs=2, output=out, resume=True, **kw))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.doc["levers"] == straight.doc["levers"]
+    assert straight.doc["memory"]["peak_bytes"] <= 600_000

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wasi_compress import fileio
-from wasi_compress.errors import DivergedError, InfeasibleBudgetError, UserError
+from wasi_compress.errors import DivergedError, UserError
 from wasi_compress.finetune import distributed as dist_utils
 from wasi_compress.finetune.config import FinetuneConfig
 from wasi_compress.finetune.data import TrainingData, evaluate, permutation
@@ -30,12 +30,6 @@ from wasi_compress.finetune.step_memory import measure_on_copy
 from wasi_compress.finetune.steps import after_step_fn, lr_setter, make_run_optimizer, train_step
 from wasi_compress.outputs import Outputs, lock_outputs
 from wasi_compress.passes.training import BLOCK_ROLES, block_of
-from wasi_compress.units import format_bytes
-
-
-# the share of a memory budget kept back from the plan for the memory model's error (it predicts the
-# measured peak within about 1% on the benchmark models; the measurement then confirms the plan)
-PLAN_MARGIN = 0.02
 
 
 @dataclass
@@ -132,7 +126,7 @@ class FinetuneRun:
 
         ExplicitAttentionPass()(model)  # before the twin, so both name their projections alike
         twin = copy.deepcopy(model) if (self.config.measure_memory and self.dist.main) else None
-        self.step_plan = self.plan_inputs = None
+        self.step_plan = None
         self.levers = self._resumed_levers() or self._manual_levers()
         budget = self.config.memory_budget_bytes
         if budget is not None and self.state is None:
@@ -154,29 +148,20 @@ class FinetuneRun:
         self._prepare_notes(handle)
 
     def _plan_and_check(self, dense: nn.Module, budget: int):
-        """Plan under `budget` less a margin for the memory model's error, then measure the planned step on a
-        copy: over the budget, plan again under a target lowered by the overshoot (at most 4 plans).
+        """Plan under `budget` and confirm the plan by measuring its step on a copy (memory_budget.plan_and_check).
         Returns (plan, levers, measured step)."""
-        target, replaced = int(budget * (1 - PLAN_MARGIN)), []
-        for _attempt in range(4):
-            try:
-                self._plan_budget(dense, target)
-            except InfeasibleBudgetError as exc:
-                smallest = math.ceil(exc.smallest_feasible_bytes / (1 - PLAN_MARGIN))
-                raise InfeasibleBudgetError(
-                    f"--memory-budget {self.config.memory_budget} is infeasible for this step: the smallest feasible "
-                    f"budget is {format_bytes(smallest)} ({smallest} bytes; the levers' smallest predicted peak plus "
-                    f"a {PLAN_MARGIN:.0%} margin)", smallest) from None
+        from wasi_compress.finetune.memory_budget import plan_and_check, plan_inputs_for
+
+        self.status(f"planning the step under {self.config.memory_budget}")
+        inputs = plan_inputs_for(dense, self.config, self.calib_x, self.calib_y, self.status)
+
+        def measure(step):
+            self.step_plan, self.levers = step, step.levers
             measured = self._measure_self(self._insert(copy.deepcopy(dense), final=False))
-            if measured["peak_bytes"] <= budget:
-                self.step_plan.notes += replaced
-                self.step_plan.user_budget_bytes = budget
-                return self.step_plan, self.levers, measured
-            replaced.append(f"a plan predicted at {self.step_plan.predicted_peak_bytes} bytes measured "
-                            f"{measured['peak_bytes']}, over the budget, and was replaced")
-            target = int(target * budget / measured["peak_bytes"] * (1 - PLAN_MARGIN))
-        raise UserError(f"--memory-budget {self.config.memory_budget}: the planned step measured {measured['peak_bytes']} "
-                        "bytes, over the budget, after 4 plans; give a larger budget")
+            return measured["peak_bytes"], measured
+
+        step, measured = plan_and_check(inputs, budget, measure, f"--memory-budget {self.config.memory_budget}")
+        return step, step.levers, measured
 
     def _manual_levers(self):
         from wasi_compress.step_plan import StepLevers
@@ -192,42 +177,20 @@ class FinetuneRun:
         data = json.loads(text) if text else None
         return StepLevers.from_dict(data) if data else None
 
-    def _plan_budget(self, dense: nn.Module, budget: int) -> None:
-        """Plan under `budget`; the measurements the planner needs are taken once per run."""
-        from wasi_compress.finetune.memory_budget import measure_plan_inputs
-        from wasi_compress.transforms.training import prepare_training_
-
-        if self.plan_inputs is None:
-            self.status(f"planning the step under {self.config.memory_budget}")
-            handle = prepare_training_(copy.deepcopy(dense), self.config.wasi_config(), example=self.calib_x[:2])
-            self.plan_inputs = measure_plan_inputs(dense, handle.model, handle, self.config, self.calib_x, self.calib_y,
-                                                   self.status)
-        self.step_plan = self.plan_inputs.plan(budget)
-        self.levers = self.step_plan.levers
-
     def _insert(self, model: nn.Module, final: bool = True):
         """prepare_training_ with the run's ranks (planned, resumed or by threshold), then the levers
         (``final``: the run's own model, whose notes are kept)."""
-        from wasi_compress.finetune.memory_budget import apply_levers_
-        from wasi_compress.transforms.training import prepare_training_
+        from wasi_compress.finetune.memory_budget import prepare_with_levers_
 
-        config, state = self.config.wasi_config(), self.state
-        if self.levers.linear_inputs == "exact" and config.method == "wasi":
-            config.activation_threshold = None
+        state = self.state
         weight_ranks = state["weight_ranks"] if state is not None else (
             self.step_plan.weight_ranks if self.step_plan is not None else None)
         self.status("inserting training modules")
-        handle = prepare_training_(model, config, example=self.calib_x[:2], calib=(self.calib_x, self.calib_y),
-                                   weight_ranks=weight_ranks,
-                                   activation_ranks=None if state is None else state["activation_ranks"])
-        notes = apply_levers_(handle.model, self.levers, handle.blocks) if self._levers_on() else []
+        handle, notes = prepare_with_levers_(model, self.config, self.levers, example=self.calib_x[:2],
+                                             calib=(self.calib_x, self.calib_y), weight_ranks=weight_ranks,
+                                             activation_ranks=None if state is None else state["activation_ranks"])
         self.notes += notes if final else []
         return handle
-
-    def _levers_on(self) -> bool:
-        lv = self.levers
-        return lv.recompute or lv.activation != "exact" or lv.layernorm != "exact" or lv.attention != "as-is" \
-            or self.step_plan is not None
 
     def _measure_self(self, handle) -> dict[str, Any]:
         self.status("measuring one training step (this method)")

@@ -15,16 +15,21 @@ copies) and errored as the relative truncation error.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.modules.training import WASILinear
 from wasi_compress.planner import Candidate, LayerCandidates
+from wasi_compress.units import format_bytes
 from wasi_compress.step_plan import ACTIVATION_FORMS, ActivationFit, StepLevers, StepPlan, plan_step
 
-__all__ = ["PlanInputs", "apply_levers_", "measure_plan_inputs", "state_copies"]
+__all__ = ["PlanInputs", "apply_levers_", "changes_model", "measure_plan_inputs", "plan_and_check", "plan_inputs_for", "prepare_with_levers_",
+           "state_copies"]
 
 WEIGHT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -45,6 +50,65 @@ def apply_levers_(model: nn.Module, levers: StepLevers, blocks: Sequence[str]) -
     if levers.recompute:
         notes.append(f"{len(recompute_blocks_(model, blocks))} blocks recompute their forward in backward")
     return notes
+
+
+def changes_model(levers: StepLevers) -> bool:
+    """Whether `apply_levers_` would change a model (micro-batching alone is the loop's)."""
+    return levers.recompute or levers.activation != "exact" or levers.layernorm != "exact" or levers.attention != "as-is"
+
+
+def prepare_with_levers_(model: nn.Module, config, levers: StepLevers, *, example: Tensor, calib=None,
+                         weight_ranks=None, activation_ranks=None):
+    """`prepare_training_` of `config` (with exact saved inputs where the levers say so), then the levers'
+    forms. Returns (handle, notes)."""
+    from wasi_compress.transforms.training import prepare_training_
+
+    wasi = config.wasi_config()
+    if levers.linear_inputs == "exact" and wasi.method == "wasi":
+        wasi.activation_threshold = None
+    handle = prepare_training_(model, wasi, example=example, calib=calib, weight_ranks=weight_ranks,
+                               activation_ranks=activation_ranks)
+    return handle, apply_levers_(handle.model, levers, handle.blocks) if changes_model(levers) else []
+
+
+def plan_inputs_for(dense: nn.Module, config, x: Tensor, y: Tensor, status=lambda _text: None) -> PlanInputs:
+    """`measure_plan_inputs` for the dense model `dense` (prepared on a copy at the configured thresholds)."""
+    from wasi_compress.transforms.training import prepare_training_
+
+    handle = prepare_training_(copy.deepcopy(dense), config.wasi_config(), example=x[:2])
+    return measure_plan_inputs(dense, handle.model, handle, config, x, y, status)
+
+
+# the share of a memory budget kept back from the plan for the memory model's error (it predicts the
+# measured peak within about 1% on the benchmark models; the measurement then confirms the plan)
+PLAN_MARGIN = 0.02
+
+
+def plan_and_check(inputs: PlanInputs, budget: int, measure_peak, label: str | None = None) -> tuple[StepPlan, Any]:
+    """Plan under `budget` less PLAN_MARGIN, then measure the plan (``measure_peak(plan) -> (peak bytes,
+    anything)``): over the budget, plan again under a target lowered by the overshoot (at most 4 plans).
+    Returns (plan, what measure_peak returned with it). ``label`` names the budget in errors."""
+    label = label or f"memory budget {format_bytes(budget)}"
+    target, replaced = int(budget * (1 - PLAN_MARGIN)), []
+    for _attempt in range(4):
+        try:
+            step = inputs.plan(target)
+        except InfeasibleBudgetError as exc:
+            smallest = math.ceil(exc.smallest_feasible_bytes / (1 - PLAN_MARGIN))
+            raise InfeasibleBudgetError(
+                f"{label} is infeasible for this step: the smallest feasible budget is "
+                f"{format_bytes(smallest)} ({smallest} bytes; the levers' smallest predicted peak plus a "
+                f"{PLAN_MARGIN:.0%} margin)", smallest) from None
+        peak, measured = measure_peak(step)
+        if peak <= budget:
+            step.notes += replaced
+            step.user_budget_bytes = budget
+            return step, measured
+        replaced.append(f"a plan predicted at {step.predicted_peak_bytes} bytes measured {peak}, over the budget, "
+                        "and was replaced")
+        target = int(target * budget / peak * (1 - PLAN_MARGIN))
+    raise UserError(f"{label}: the planned step measured {peak} bytes, over the budget, after "
+                    "4 plans; give a larger budget")
 
 
 def state_copies(config) -> int:
