@@ -23,8 +23,10 @@ _REQUIRED = {"analyze": ("layers", "totals"), "convert": ("layers", "original_by
               help="Folder for report.html and its PNGs.")
 def command(reports: tuple[Path, ...], directory: Path) -> None:
     """Render analyze, convert and finetune JSON reports (at most one of each) into one HTML report."""
+    from wasi_compress.outputs import check_paths, report_html
     from wasi_compress.report_html import write_report
 
+    check_paths({f"REPORT {path}": path for path in reports}, {"-o": report_html(directory)})  # before any work
     documents: dict[str, dict] = {}
     for path in reports:
         doc = gates.load_report(path)
