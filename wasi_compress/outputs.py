@@ -151,6 +151,7 @@ def lock_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[list[Pat
         for target, shown in targets.items():
             created += _make_parents(target.parent)
             held.append(_take_lock(target, shown))
+            remove_stale_temporaries(target)  # with the lock held, a dead writer's temporaries are garbage
         yield held
     finally:
         for lock in reversed(held):
@@ -268,6 +269,7 @@ def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, 
         return None if path is None or str(path) == "-" else os.path.realpath(os.fspath(path))
 
     seen_inputs = {key(p): name for name, p in inputs.items() if key(p) is not None}
+    folders = {k: name for k, name in seen_inputs.items() if os.path.isdir(k)}  # image folders: every file is data
     seen_outputs: dict[str, str] = {}
     for name, path in _with_report_plots(outputs).items():
         k = key(path)
@@ -276,6 +278,10 @@ def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, 
         if k in seen_inputs:
             raise UserError(f"{name} {path} is the input {seen_inputs[k]}; it would be overwritten: write the output "
                             "somewhere else")
+        inside = next((folder for folder in folders if k.startswith(folder.rstrip(os.sep) + os.sep)), None)
+        if inside is not None:
+            raise UserError(f"{name} {path} is inside the input folder {folders[inside]} {inputs[folders[inside]]}; "
+                            "an output there would change its data: write it somewhere else")
         if k in seen_outputs:
             raise UserError(f"{name} and {seen_outputs[k]} name the same file {path}; give each output its own path")
         seen_outputs[k] = name
