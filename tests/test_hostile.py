@@ -621,6 +621,10 @@ HOSTILE = {
     "check --markdown onto --baseline": ("check convert.json --baseline analyze.json --max-regression 5 "
                                          "--markdown analyze.json", ["--markdown", "input --baseline"]),
     "check --junit onto --config": ("check convert.json --config gates.toml --junit gates.toml", ["input --config"]),
+    "finetune --json inside the --data folder": (f"finetune {T} --data cut --epochs 1 -o {OUT} --json cut/a/0.png",
+                                                 ["--json", "inside the input folder --data"]),
+    "convert --report inside the --calib folder": (f"convert {T} {CV} --objective data --calib fake --report fake/b",
+                                                   ["--report", "inside the input folder --calib"]),
     "report -o onto a report": ("report rep/report.html -o rep", ["-o", "input REPORT"]),
     "report -o's plots onto a report": ("report analyze.json rep/analyze-energy.png -o rep", ["analyze-energy.png"]),
     # ---- two outputs on one path
