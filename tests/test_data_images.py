@@ -134,6 +134,7 @@ def test_mode_i_is_read_as_16_bit_and_clipped(tmp_path):
     assert any("clipped" in note for note in ds.notes)
 
 
+@pytest.mark.slow  # a fine-tuning run
 def test_finetune_trains_on_the_values_16_bit_float_and_mixed_size_images_hold(tmp_path, cli):
     """What `finetune --data DIR` trains on: the tiny ViT's 1x8x8 inputs from constant images of three
     kinds and three sizes, each at the value it holds (the misreadings of old made 16-bit images 1.0

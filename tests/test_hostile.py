@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -407,8 +408,6 @@ class _Payload:
     """Unpickling this runs os.mkdir("pwned"): a refused file must never get that far."""
 
     def __reduce__(self):
-        import os
-
         return os.mkdir, ("pwned",)
 
 
@@ -464,24 +463,22 @@ def _reports(lib: Path) -> None:
 @pytest.fixture(scope="session")
 def hostile_library(tmp_path_factory):
     """Every hostile file, built once (under a minute on two cores)."""
-    import os
-    import subprocess
+    import sys
 
     lib = tmp_path_factory.mktemp("hostile")
-    here = os.getcwd()
+    here, tests = os.getcwd(), str(Path(__file__).resolve().parent)
     os.chdir(lib)  # FinetuneConfig probes that its (relative) outputs could be written here
+    sys.path.insert(0, tests)  # the tiny ViT's factory (as the vit_models fixture, for the whole session)
     try:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         _checkpoints(lib)
         _torch_files(lib)
         _reports(lib)
         _image_folders(lib)
         (lib / "afile").write_text("a file where a folder should be\n")
-        subprocess.run(["mkfifo", str(lib / "fifo")], check=True)
+        os.mkfifo(lib / "fifo")
     finally:
         os.chdir(here)
+        sys.path.remove(tests)
     return lib
 
 
@@ -668,9 +665,7 @@ def _run_hostile(cli, lib: Path, workdir: Path, args: str, resume: str | None):
     import shutil
 
     for entry in lib.iterdir():
-        if entry.name == "fifo":
-            import os
-
+        if entry.name == "fifo":  # copied as what it is: a FIFO (shutil.copy would block reading it)
             os.mkfifo(workdir / "fifo")
         elif entry.is_dir():
             shutil.copytree(entry, workdir / entry.name)
