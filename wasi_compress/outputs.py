@@ -259,17 +259,19 @@ def _with_report_plots(outputs: dict[str, str | os.PathLike | None]) -> dict[str
     return out
 
 
-def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse, before any work, an output that would overwrite an input or another output, or that
-    cannot be written (one line). Keys are how the user named each path (``-o``, ``--json``, ``MODEL``);
-    None and '-' are skipped. A report.html output stands for its whole folder (the plots too)."""
+def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None],
+                data_folders: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Refuse, before any work, an output that would overwrite an input or another output, that would land
+    inside an input image folder (every file there is data), or that cannot be written (one line). Keys
+    are how the user named each path (``-o``, ``--json``, ``MODEL``, ``--data``); None and '-' are
+    skipped. A report.html output stands for its whole folder (the plots too)."""
     from wasi_compress.errors import UserError
 
     def key(path) -> str | None:
         return None if path is None or str(path) == "-" else os.path.realpath(os.fspath(path))
 
     seen_inputs = {key(p): name for name, p in inputs.items() if key(p) is not None}
-    folders = {k: name for k, name in seen_inputs.items() if os.path.isdir(k)}  # image folders: every file is data
+    folders = {key(p): name for name, p in (data_folders or {}).items() if key(p) is not None and os.path.isdir(key(p))}
     seen_outputs: dict[str, str] = {}
     for name, path in _with_report_plots(outputs).items():
         k = key(path)
@@ -280,7 +282,7 @@ def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, 
                             "somewhere else")
         inside = next((folder for folder in folders if k.startswith(folder.rstrip(os.sep) + os.sep)), None)
         if inside is not None:
-            raise UserError(f"{name} {path} is inside the input folder {folders[inside]} {inputs[folders[inside]]}; "
+            raise UserError(f"{name} {path} is inside the input folder {folders[inside]} {data_folders[folders[inside]]}; "
                             "an output there would change its data: write it somewhere else")
         if k in seen_outputs:
             raise UserError(f"{name} and {seen_outputs[k]} name the same file {path}; give each output its own path")

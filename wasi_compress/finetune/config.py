@@ -122,8 +122,8 @@ class FinetuneConfig:
         """No output may overwrite an input or another output (the resume state is the run's own)."""
         from wasi_compress.outputs import check_paths
 
-        check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights,
-                     "--data": self.data if Path(self.data).is_dir() else None}, self.output_paths())
+        check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights},
+                    self.output_paths(), data_folders={"--data": self.data})
 
     def output_paths(self) -> dict[str, str | Path | None]:
         """Every file the run may write, by the flag that names it (None where not written)."""
