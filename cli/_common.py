@@ -23,11 +23,15 @@ def format_count(n: float | None) -> str:
     return str(int(n))
 
 
-def _positive_classes(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    """--num-classes is refused below 1 as one line (a UserError, not click's usage block)."""
-    if value is not None and value < 1:
-        raise UserError(f"--num-classes: {value} is not a number of classes; give 1 or more")
-    return value
+def _at_least_one(what: str) -> Callable:
+    """A click callback refusing a value below 1 as one line naming the option (a UserError)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise UserError(f"{param.opts[0]}: {value} is not {what}; give 1 or more")
+        return value
+
+    return check
 
 
 def model_options(f: Callable) -> Callable:
@@ -39,9 +43,10 @@ def model_options(f: Callable) -> Callable:
         click.option("--trust-pickle", is_flag=True, help="Allow unpickling a torch file (can run code: only for files you trust)."),
         click.option("--trust-code", is_flag=True,
                      help="Let a checkpoint whose metadata names a package.module:factory import and call it (only for files you trust)."),
-        click.option("--num-classes", type=int, default=None, callback=_positive_classes,
+        click.option("--num-classes", type=int, default=None, callback=_at_least_one("a number of classes"),
                      help="Classifier size (1 or more), passed to timm or the factory."),
-        click.option("--img-size", type=int, default=None, help="Input resolution, passed to timm or the factory."),
+        click.option("--img-size", type=int, default=None, callback=_at_least_one("an image size"),
+                     help="Input resolution (1 or more), passed to timm or the factory."),
     ]
     for d in reversed(decorators):
         f = d(f)

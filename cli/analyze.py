@@ -93,7 +93,6 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
             json_path, report_dir, device):
     """Show, per linear layer, how compressible MODEL is and where its training memory goes."""
     from wasi_compress.analysis import analyze
-    from wasi_compress.fileio import write_json
 
     console = console_for(json_path)
     size = None
@@ -104,20 +103,33 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
             size = ()
         if len(size) != 3 or min(size) < 1:
             raise UserError(f"--input-size: expected C,H,W such as 3,224,224, got {input_size!r}")
-    from wasi_compress.outputs import check_paths, report_html
+    from wasi_compress.outputs import check_paths, lock_outputs, report_html
 
-    check_paths({"MODEL": model, "--weights": weights}, {"--json": json_path, "--report": report_html(report_dir)})
-    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
-    with progress_bar(console, "analyzing") as on_progress:
-        doc = analyze(loaded, batch_size=batch_size, input_size=size,
-                      thresholds=parse_float_list(thresholds, "--thresholds"), device=check_device(device),
-                      on_progress=on_progress)
-    render(doc, console)
-    if json_path:
-        write_json(json_path, doc)
-        if json_path != "-":
-            console.print(f"wrote {json_path}")
-    if report_dir:
-        from wasi_compress.report_html import write_report
+    outputs = {"--json": json_path, "--report": report_html(report_dir)}
+    check_paths({"MODEL": model, "--weights": weights}, outputs)
+    with lock_outputs(outputs.values()):  # two runs cannot write the same output
+        loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
+        with progress_bar(console, "analyzing") as on_progress:
+            doc = analyze(loaded, batch_size=batch_size, input_size=size,
+                          thresholds=parse_float_list(thresholds, "--thresholds"), device=check_device(device),
+                          on_progress=on_progress)
+        render(doc, console)
+        for path in _write(doc, json_path, report_dir):
+            console.print(f"wrote {path}")
 
-        console.print(f"wrote {write_report(report_dir, analyze=doc)}")
+
+def _write(doc: dict, json_path: str | None, report_dir: str | None) -> list:
+    """The JSON document and the report folder, all or none (wasi_compress.outputs)."""
+    from pathlib import Path
+
+    from wasi_compress.fileio import write_json
+    from wasi_compress.outputs import Outputs
+
+    with Outputs() as outputs:
+        if json_path:
+            outputs.then(lambda: (write_json(json_path, doc), None if json_path == "-" else Path(json_path))[1])
+        if report_dir:
+            from wasi_compress.report_html import write_report
+
+            outputs.then(lambda: write_report(report_dir, analyze=doc))
+        return outputs.commit()

@@ -174,10 +174,17 @@ def _check(target: str, config_path: Path | None, batch_size: int, junit: Path |
     command_line = {key.replace("_", "-"): value for key, value in options.items()}
     settings.update(gates.parse_settings(command_line))
     limits = gates.Limits.from_settings(settings)
-    from wasi_compress.outputs import check_paths
+    from wasi_compress.outputs import check_paths, lock_outputs
 
-    check_paths({"TARGET": target, "--config": config_path, "--baseline": limits.baseline},
-                {"--junit": junit, "--markdown": markdown, "--json": json_path})  # before any work
+    outputs = {"--junit": junit, "--markdown": markdown, "--json": json_path}
+    check_paths({"TARGET": target, "--config": config_path, "--baseline": limits.baseline}, outputs)  # before any work
+    with lock_outputs(outputs.values()):  # two runs cannot write the same output
+        return _gate(target, batch_size, limits, config_path, junit, markdown, json_path)
+
+
+def _gate(target: str, batch_size: int, limits: gates.Limits, config_path: Path | None, junit: Path | None,
+          markdown: Path | None, json_path: str | None) -> bool:
+    """Evaluate the gates, show them, write the machine outputs; True when every gate passes."""
     report = _load_target(target, batch_size)
     baseline = gates.load_report(limits.baseline) if limits.baseline is not None else None
     result = gates.evaluate(report, limits, target=target, baseline=baseline,
@@ -191,10 +198,14 @@ def _check(target: str, config_path: Path | None, batch_size: int, junit: Path |
         console.print(note, highlight=False)
     console.print(f"{sum(g.passed for g in result.gates)} of {len(result.gates)} gates pass",
                   style="green" if result.passed else "bold red", highlight=False)
-    if junit:
-        write_text_atomic(junit, render_junit(result))
-    if markdown:
-        write_text_atomic(markdown, render_markdown(result))
-    if json_path:
-        write_json(json_path, result.to_json())
+    from wasi_compress.outputs import Outputs
+
+    with Outputs() as outputs:  # all or none
+        if junit:
+            outputs.then(lambda: (write_text_atomic(junit, render_junit(result)), junit)[1])
+        if markdown:
+            outputs.then(lambda: (write_text_atomic(markdown, render_markdown(result)), markdown)[1])
+        if json_path:
+            outputs.then(lambda: (write_json(json_path, result.to_json()), None if json_path == "-" else json_path)[1])
+        outputs.commit()
     return result.passed

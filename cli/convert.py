@@ -99,10 +99,10 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
                            calib_batches=calib_batches, rank_multiple=rank_multiple, rank_grid=rank_grid,
                            thresholds=thresholds, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
                            json=json_path, report=report_dir, device=device)
-    from wasi_compress.convert.job import output_paths
+    from wasi_compress.convert.job import data_folders, output_paths
     from wasi_compress.outputs import check_paths
 
-    check_paths({"MODEL": model, "--weights": weights}, output_paths(config))  # before any work
+    check_paths({"MODEL": model, "--weights": weights}, output_paths(config), data_folders(config))  # before any work
     loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
     source = None if loaded.metadata else checkpoint_source(model, arch=arch, num_classes=num_classes, img_size=img_size)
     # progress on stderr: stdout only ever carries results (and stays empty on an error)

@@ -23,6 +23,15 @@ _REQUIRED = {"analyze": ("layers", "totals"), "convert": ("layers", "original_by
               help="Folder for report.html and its PNGs.")
 def command(reports: tuple[Path, ...], directory: Path) -> None:
     """Render analyze, convert and finetune JSON reports (at most one of each) into one HTML report."""
+    from wasi_compress.outputs import check_paths, lock_outputs, report_html
+
+    check_paths({f"REPORT {path}": path for path in reports}, {"-o": report_html(directory)})  # before any work
+    with lock_outputs([report_html(directory)]):  # two runs cannot write the same folder
+        click.echo(f"wrote {_render(reports, directory)}")
+
+
+def _render(reports: tuple[Path, ...], directory: Path) -> Path:
+    """Read and check every report, then write the folder; the path of report.html."""
     from wasi_compress.report_html import write_report
 
     documents: dict[str, dict] = {}
@@ -36,11 +45,10 @@ def command(reports: tuple[Path, ...], directory: Path) -> None:
         _check_readable(doc, kind, path)
         documents[kind] = doc
     try:
-        written = write_report(directory, **documents)
+        return write_report(directory, **documents)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise UserError(f"the reports hold a figure this version cannot draw ({type(exc).__name__}: {exc}); "
                         "regenerate them with this version") from None
-    click.echo(f"wrote {written}")
 
 
 def _check_readable(doc: dict, kind: str, path: Path) -> None:

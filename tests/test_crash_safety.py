@@ -155,3 +155,22 @@ def test_a_resume_state_key_of_the_wrong_type_is_one_line(tmp_path, vit_models, 
     with pytest.raises(UserError, match=f"'{key}'") as exc:
         finetune(config)
     _one_line(exc)
+
+
+@pytest.mark.parametrize("args,output", [
+    (["analyze", "vit_models:tiny_timm_vit", "--json", "a.json"], "a.json"),
+    (["analyze", "vit_models:tiny_timm_vit", "--report", "rep"], "rep/report.html"),
+    (["check", "{convert}", "--max-size", "1MB", "--junit", "g.xml"], "g.xml"),
+    (["check", "{convert}", "--max-size", "1MB", "--json", "g.json"], "g.json"),
+    (["report", "{convert}", "-o", "rep"], "rep/report.html"),
+], ids=["analyze --json", "analyze --report", "check --junit", "check --json", "report -o"])
+def test_every_command_refuses_an_output_another_run_is_writing(tmp_path, monkeypatch, cli, assert_one_line_error,
+                                                                live_pid, args, output):
+    fixture = Path(__file__).resolve().parent / "fixtures" / "convert.json"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / output).parent.mkdir(exist_ok=True)
+    lock_path(tmp_path / output).write_text(f"{live_pid}\n")
+    result = cli(*[a.format(convert=fixture) for a in args])
+    assert_one_line_error(result, f"being written by process {live_pid}")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == sorted(
+        {str(lock_path(Path(output))), *([str(Path(output).parent)] if "/" in output else [])})

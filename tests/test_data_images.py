@@ -132,3 +132,30 @@ def test_mode_i_is_read_as_16_bit_and_clipped(tmp_path):
     ds = load_images(str(tmp_path / "d"), "all")
     torch.testing.assert_close(ds.images[0, 0], torch.tensor([[0.0, 32768 / 65535], [1.0, 1.0]]))
     assert any("clipped" in note for note in ds.notes)
+
+
+@pytest.mark.slow  # a fine-tuning run
+def test_finetune_trains_on_the_values_16_bit_float_and_mixed_size_images_hold(tmp_path, cli):
+    """What `finetune --data DIR` trains on: the tiny ViT's 1x8x8 inputs from constant images of three
+    kinds and three sizes, each at the value it holds (the misreadings of old made 16-bit images 1.0
+    and float ones 0.0, and these classes one)."""
+    from wasi_compress.finetune.data import TrainingData
+
+    root = tmp_path / "d"
+    (root / "bit16").mkdir(parents=True)
+    (root / "float").mkdir()
+    (root / "bit8").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 12), 16384, dtype=np.uint16)).save(root / "bit16" / f"{i}.png")  # 0.25
+        Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(root / "float" / f"{i}.tif")
+        Image.fromarray(np.full((20, 10), 255, dtype=np.uint8)).save(root / "bit8" / f"{i}.png")  # 1.0
+    data = TrainingData(str(root), (1, 8, 8), (0.0,), (1.0,), "cpu")
+    images = torch.cat([data.train.images, data.test.images])
+    labels = torch.cat([data.train.labels, data.test.labels])
+    assert images.shape[1:] == (1, 8, 8)
+    for label, value in enumerate((0.25, 1.0, 0.5)):  # classes sorted: bit16, bit8, float -> 0, 1, 2
+        torch.testing.assert_close(images[labels == label], torch.full_like(images[labels == label], value))
+    result = cli("finetune", "vit_models:tiny_timm_vit", "--data", root, "--epochs", "1", "--method", "vanilla",
+                 "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o.safetensors").is_file()

@@ -4,6 +4,7 @@ metadata may name a ``package.module:factory``; building it needs the user's exp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -34,16 +35,29 @@ def sentinel(tmp_path, monkeypatch, vit_models):
     return marks
 
 
-def _tampered(tmp_path, arch: str = "wasi_sentinel:factory", metadata=None):
-    """A genuine checkpoint of the tiny ViT whose metadata (tensors untouched) names `arch`."""
+_GENUINE: dict = {}  # budget -> (tensors, metadata) of a genuine checkpoint, converted once per session
+
+
+def _genuine(budget) -> tuple[dict, dict]:
     from wasi_compress.convert import ConvertConfig, convert
     from wasi_compress.loading import load_model
 
-    good = tmp_path / "good.safetensors"
-    convert(load_model("vit_models:tiny_timm_vit"), ConvertConfig(budget=10**9, output=str(good)))
-    with safe_open(str(good), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["wasi_compress"])
+    if budget not in _GENUINE:
+        result = convert(load_model("vit_models:tiny_timm_vit"), ConvertConfig(budget=budget))
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            good = Path(folder) / "good.safetensors"
+            result.save(str(good))
+            with safe_open(str(good), framework="pt") as f:
+                _GENUINE[budget] = ({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["wasi_compress"]))
+    tensors, meta = _GENUINE[budget]
+    return dict(tensors), json.loads(json.dumps(meta))
+
+
+def _tampered(tmp_path, arch: str = "wasi_sentinel:factory", metadata=None, budget=10**9):
+    """A genuine checkpoint of the tiny ViT whose metadata (tensors untouched) names `arch`."""
+    tensors, meta = _genuine(budget)
     meta["source"]["arch"] = arch
     evil = tmp_path / "evil.safetensors"
     save_file(tensors, str(evil), metadata={"wasi_compress": json.dumps(meta if metadata is None else metadata)})
@@ -64,7 +78,7 @@ def test_commands_refuse_it_with_one_line(sentinel, tmp_path, cli, assert_one_li
     result = cli(*[a.format(evil=evil) for a in args])
     assert_one_line_error(result, "wasi_sentinel:factory", "--trust-code")  # exit 2: never a passed gate
     assert not any(sentinel.iterdir())
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["evil.safetensors", "good.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["evil.safetensors"]
 
 
 def test_trust_code_or_the_same_arch_lets_a_genuine_factory_through(sentinel, tmp_path):
@@ -142,3 +156,35 @@ def test_analyze_and_check_refuse_to_overwrite_their_input(tmp_path, cli, assert
     weights.write_bytes(b"not really")
     assert_one_line_error(cli("analyze", weights, "--arch", "timm:vit_tiny_patch16_224", "--json", weights), "input MODEL")
     assert report.read_text() == before and weights.read_bytes() == b"not really"
+
+
+NAMES = "wasi_sentinel:factory"  # what a tampered field holds: the importable sentinel, by name
+FIELDS = [("source", "arch"), ("source", "num_classes"), ("source", "img_size"), ("format",), ("dtype",),
+          ("toolkit_version",), ("explicit_attention",), ("notes",), ("plan",), ("convert",), ("seed",), ("aliases",),
+          ("structure",), *[("structure", 0, key) for key in ("name", "kind", "module", "rank", "in_features",
+                                                              "out_features", "bias")]]
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=[".".join(map(str, f)) for f in FIELDS])
+def test_no_metadata_field_imports_or_calls_what_it_names(sentinel, tmp_path, field):
+    """Each field of a genuine checkpoint's metadata set to the sentinel's name (a string, a one-entry
+    mapping, a one-item list): loading it, with the user naming the architecture themselves, either works
+    or is refused with one UserError line, and the sentinel is never imported nor called."""
+    evil = _tampered(tmp_path, arch="vit_models:tiny_timm_vit", budget="60KB")  # some layers factored
+    with safe_open(str(evil), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["wasi_compress"])
+    assert meta["structure"]
+    wasi_compress.load(evil, arch="vit_models:tiny_timm_vit")  # untampered, it loads
+    for value in (NAMES, {NAMES: NAMES}, [NAMES]):
+        *parents, last = field
+        holder = meta
+        for step in parents:
+            holder = holder[step]
+        holder[last] = value
+        save_file(tensors, str(evil), metadata={"wasi_compress": json.dumps(meta)})
+        try:
+            wasi_compress.load(evil, arch="vit_models:tiny_timm_vit")
+        except UserError as exc:
+            assert "\n" not in str(exc), str(exc)
+        assert not any(sentinel.iterdir()), (field, value)

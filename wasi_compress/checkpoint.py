@@ -303,7 +303,9 @@ def _check_entry(entry: Any, *, where: str) -> dict[str, Any]:
     if not isinstance(entry, dict) or any(k not in entry for k in _STRUCTURE_KEYS):
         raise UserError(f"{where}: a structure entry must have {', '.join(_STRUCTURE_KEYS)}; got {entry!r}")
     e = {k: entry[k] for k in _STRUCTURE_KEYS}
-    if e["kind"] not in ("module", "functional") or e["module"] not in _MODULE_KINDS or not isinstance(e["name"], str):
+    kinds_ok = isinstance(e["kind"], str) and isinstance(e["module"], str)  # a list or mapping cannot be looked up
+    if not kinds_ok or e["kind"] not in ("module", "functional") or e["module"] not in _MODULE_KINDS \
+            or not isinstance(e["name"], str):
         raise UserError(f"{where}: structure entry {entry!r}: kind must be module or functional and module one of "
                         f"{', '.join(_MODULE_KINDS)}")
     for key in ("rank", "in_features", "out_features"):

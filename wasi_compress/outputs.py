@@ -151,6 +151,7 @@ def lock_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[list[Pat
         for target, shown in targets.items():
             created += _make_parents(target.parent)
             held.append(_take_lock(target, shown))
+            remove_stale_temporaries(target)  # with the lock held, a dead writer's temporaries are garbage
         yield held
     finally:
         for lock in reversed(held):
@@ -238,28 +239,81 @@ def keep_default_permissions(path: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
+# Every file a --report folder may hold (report_html.write_report writes no other; a test holds it to that).
+REPORT_NAME = "report.html"
+REPORT_PLOTS = ("analyze-energy.png", "analyze-memory.png", "convert-ranks.png", "convert-pareto.png",
+                "finetune-memory.png", "finetune-epochs.png")
+
+
 def report_html(folder: str | os.PathLike | None) -> Path | None:
     """The file a --report folder's report.html is (its PNGs sit beside it)."""
-    return None if folder is None else Path(folder) / "report.html"
+    return None if folder is None else Path(folder) / REPORT_NAME
 
 
-def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse, before any work, an output that would overwrite an input or another output (one line).
-    Keys are how the user named each path (``-o``, ``--json``, ``MODEL``); None and '-' are skipped."""
+def _with_report_plots(outputs: dict[str, str | os.PathLike | None]) -> dict[str, str | os.PathLike | None]:
+    """The outputs, plus the plots beside each report.html: a report folder writes them too."""
+    out = dict(outputs)
+    for name, path in outputs.items():
+        if path is not None and str(path) != "-" and Path(path).name == REPORT_NAME:
+            out.update({f"{name} ({plot})": Path(path).with_name(plot) for plot in REPORT_PLOTS})
+    return out
+
+
+def check_paths(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None],
+                data_folders: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Refuse, before any work, an output that would overwrite an input or another output, that would land
+    inside an input image folder (every file there is data), or that cannot be written (one line). Keys
+    are how the user named each path (``-o``, ``--json``, ``MODEL``, ``--data``); None and '-' are
+    skipped. A report.html output stands for its whole folder (the plots too)."""
     from wasi_compress.errors import UserError
 
     def key(path) -> str | None:
         return None if path is None or str(path) == "-" else os.path.realpath(os.fspath(path))
 
     seen_inputs = {key(p): name for name, p in inputs.items() if key(p) is not None}
+    folders = {key(p): name for name, p in (data_folders or {}).items() if key(p) is not None and os.path.isdir(key(p))}
     seen_outputs: dict[str, str] = {}
-    for name, path in outputs.items():
+    for name, path in _with_report_plots(outputs).items():
         k = key(path)
         if k is None:
             continue
         if k in seen_inputs:
             raise UserError(f"{name} {path} is the input {seen_inputs[k]}; it would be overwritten: write the output "
                             "somewhere else")
+        inside = next((folder for folder in folders if k.startswith(folder.rstrip(os.sep) + os.sep)), None)
+        if inside is not None:
+            raise UserError(f"{name} {path} is inside the input folder {folders[inside]} {data_folders[folders[inside]]}; "
+                            "an output there would change its data: write it somewhere else")
         if k in seen_outputs:
             raise UserError(f"{name} and {seen_outputs[k]} name the same file {path}; give each output its own path")
         seen_outputs[k] = name
+    for name, path in outputs.items():
+        if key(path) is not None:
+            check_writable(name, path)
+
+
+def check_writable(name: str, path: str | os.PathLike) -> None:
+    """Refuse (one line) an output that cannot be written, before any work starts: a folder in its place,
+    something that is not a regular file (a device, a FIFO: the rename would replace it), a parent that
+    is a file, or a folder this process cannot create files in (read-only, /proc). The probe is an
+    empty temporary folder in the nearest existing folder, removed at once: missing folders below it
+    are made only when the output is written."""
+    from wasi_compress.errors import UserError
+
+    target = Path(os.path.abspath(os.fspath(path)))
+    shown = f"{name} {path}" if name != str(path) else str(path)
+    if target.is_dir():
+        raise UserError(f"{shown} is a folder; give a file name")
+    if target.exists() and not target.is_file():
+        raise UserError(f"{shown} is not a regular file (writing it would replace it); give a file path")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{shown}: {folder} is a file, not a folder; choose an output path in a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UserError(f"{shown}: cannot write in {folder} ({exc.strerror or exc}); choose a folder you can "
+                        "write to") from None
+    os.rmdir(probe)

@@ -27,13 +27,13 @@ from matplotlib.figure import Figure
 
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path, write_text_atomic
+from wasi_compress.outputs import REPORT_NAME, REPORT_PLOTS
 from wasi_compress.reports import ANALYZE_SCHEMA as ANALYZE
 from wasi_compress.reports import CONVERT_SCHEMA as CONVERT
 from wasi_compress.reports import FINETUNE_SCHEMA as FINETUNE
 from wasi_compress.reports import KINDS, kind_of_prose
 from wasi_compress.units import format_bytes
 
-REPORT_NAME = "report.html"
 _MEMORY_PARTS = (  # stacked bottom to top: what a training step holds
     ("params_bytes", "parameters", "#4c72b0"),
     ("grads_bytes", "gradients", "#55a868"),
@@ -542,6 +542,8 @@ def write_report(directory: str | Path, *, analyze: dict | None = None, convert:
     directory = Path(directory)
     for section in sections:
         for plot in section.plots:
+            # outputs.REPORT_PLOTS lists what a report folder may hold: the overwrite checks rely on it
+            assert plot.filename in REPORT_PLOTS, plot.filename
             with atomic_path(directory / plot.filename) as tmp:
                 tmp.write_bytes(plot.png)
     target = directory / REPORT_NAME

@@ -70,7 +70,8 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     progress = on_progress or (lambda *_: None)
     loaded = as_loaded(model, spec)
-    check_paths({"MODEL": loaded.spec if Path(loaded.spec).is_file() else None}, output_paths(config))
+    check_paths({"MODEL": loaded.spec if Path(loaded.spec).is_file() else None}, output_paths(config),
+                data_folders(config))
     device = resolve_device(config.device)
     source, prior_structure = source_of(loaded, source)
     if config.output and source is None:
@@ -112,6 +113,11 @@ def output_paths(config: ConvertConfig) -> dict[str, str | Path | None]:
     """Every file the job may write, by the flag that names it."""
     return {"-o": config.output, "--onnx": config.onnx, "--onnx weights": f"{config.onnx}.data" if config.onnx else None,
             "--json": config.json, "--report": report_html(config.report)}
+
+
+def data_folders(config: ConvertConfig) -> dict[str, str | None]:
+    """The image folders the job may read (no output may be written into one), by their flag."""
+    return {"--calib": config.calib, "--eval": config.eval}
 
 
 def _example(loaded: LoadedModel, config: ConvertConfig, device) -> torch.Tensor:

@@ -155,7 +155,7 @@ class FinetuneConfig:
         from wasi_compress.outputs import check_paths
 
         check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights},
-                    self.output_paths())
+                    self.output_paths(), data_folders={"--data": self.data})
 
     def output_paths(self) -> dict[str, str | Path | None]:
         """Every file the run may write, by the flag that names it (None where not written)."""

@@ -340,6 +340,26 @@ class FinetuneRun:
             write_checkpoint(config.output, outputs, self.model, self.handle.capture.sites, self.source, meta)
             outputs.commit()
 
+    def _catch_up_checkpoint(self) -> None:
+        """A run killed between the two renames of its last epoch left the resume state one epoch ahead of
+        the checkpoint: write the checkpoint from the state, as that epoch would have."""
+        from wasi_compress.weights import wasi_checkpoint_metadata
+
+        output = Path(self.config.output)
+        try:
+            done = wasi_checkpoint_metadata(output).get("finetune", {}).get("epochs_done") if output.is_file() else None
+        except (UserError, AttributeError):  # damaged: rewrite it
+            done = None
+        if done == self.start_epoch or not self.history:
+            return
+        with Outputs() as outputs:
+            meta = self._checkpoint_meta(epochs_done=self.start_epoch, accuracy=self.history[-1]["accuracy"])
+            write_checkpoint(self.config.output, outputs, self.model, self.handle.capture.sites, self.source, meta)
+            outputs.commit()
+        held = "no checkpoint" if done is None else f"the checkpoint of epoch {done}"
+        self.notes.append(f"{output} held {held} while its resume state held epoch {self.start_epoch} (a run stopped "
+                          "between writing the two); the checkpoint was rewritten from the resume state")
+
     # -- finish ---------------------------------------------------------------------------------
     def finish(self) -> FinetuneResult:
         config, main = self.config, self.dist.main
@@ -347,6 +367,7 @@ class FinetuneRun:
         final_accuracy = self.history[-1]["accuracy"] if trained_now else (evaluate(self.model, self.data) if main else 0.0)
         if not trained_now and main and config.output and self.start_epoch >= config.epochs:
             self.notes.append(f"the resume state already holds {self.start_epoch} epochs; nothing was trained")
+            self._catch_up_checkpoint()
         doc = document(config, self, final_accuracy)
         if main:
             with Outputs() as outputs:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +134,16 @@ def load_resume(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"--resume: {path} does not exist (it is written after every epoch of a run with -o)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns on stderr about a raw pickle's protocol before refusing it: the error is the one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # objects beyond tensors and containers: never unpickled
+        raise UserError(f"{path}: not a readable resume state: it holds pickled Python objects, which finetune never "
+                        "writes and which could run code, so it was not loaded; delete it and run without --resume") from exc
     except Exception as exc:  # damaged or foreign file
-        raise UserError(f"{path}: not a readable resume state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable resume state ({type(exc).__name__}: {first})") from exc
     if isinstance(state, dict) and state.get("version") == RESUME_VERSION:
         check_state_schema(state, path)
     elif not isinstance(state, dict):
