@@ -55,6 +55,14 @@ def render(doc: dict, console) -> None:
     console.print(summary)
     if "saved_by_family" in tot:
         console.print(_family_table(tot["saved_by_family"], tm["saved_activation_bytes"]))
+    if doc.get("memory_levers"):
+        floors = Table(title=f"smallest training-step peak per memory lever, batch {doc['batch_size']} "
+                             "(derived from measured steps)", title_justify="left")
+        floors.add_column("lever")
+        floors.add_column("smallest peak", justify="right")
+        for name, value in doc["memory_levers"]["smallest_peak_bytes"].items():
+            floors.add_row(name, format_bytes(value))
+        console.print(floors)
     if doc.get("capture_note"):
         console.print(f"[yellow]note:[/] {plain(doc['capture_note'])}", highlight=False)
     for item in doc["skipped"]:
@@ -85,12 +93,14 @@ def _family_table(by_family: dict[str, int], total: int) -> Table:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size of the example input.")
 @click.option("--input-size", default=None, help="C,H,W of the input (default: the model's).")
 @click.option("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99", show_default=True, help="Explained-variance thresholds.")
+@click.option("--levers", is_flag=True, help="Also the smallest whole-step training peak each memory lever reaches "
+              "(micro-batching, recomputation, activation codes, Tucker inputs, low-rank weights): about 70 small measured steps.")
 @click.option("--json", "json_path", default=None, help="Write the analyze/1 JSON document here ('-' for stdout).")
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, batch_size, input_size, thresholds,
-            json_path, report_dir, device):
+            levers, json_path, report_dir, device):
     """Show, per linear layer, how compressible MODEL is and where its training memory goes."""
     from wasi_compress.analysis import analyze
 
@@ -113,6 +123,11 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
             doc = analyze(loaded, batch_size=batch_size, input_size=size,
                           thresholds=parse_float_list(thresholds, "--thresholds"), device=check_device(device),
                           on_progress=on_progress)
+        if levers:  # measured steps of their own, beside the analysis
+            from wasi_compress.finetune.memory_budget import memory_levers
+
+            console.print("measuring the memory levers (about 70 small training steps)")
+            doc["memory_levers"] = memory_levers(loaded.model, batch_size, size or loaded.input_size, check_device(device))
         render(doc, console)
         for path in _write(doc, json_path, report_dir):
             console.print(f"wrote {path}")

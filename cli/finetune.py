@@ -70,26 +70,30 @@ def render(doc: dict, console) -> None:
 @click.option("--data", required=True, help="mnist, digits, or an image folder (one subfolder per class).")
 @click.option("--method", type=click.Choice(["wasi", "asi", "vanilla"]), default="wasi", show_default=True,
               help="wasi: weight subspace + compressed activations; asi: compressed activations; vanilla: ordinary.")
-@click.option("--update", type=click.Choice(["subspace-iteration", "optimizer-step", "factored"]), default="subspace-iteration",
-              show_default=True, help="WASI training rule: the paper's subspace iteration inside backward, or optimizer-step: L, R "
-                   "stepped by the optimizer and re-orthonormalised (DDP). 'factored' is the old name of optimizer-step.")
-@click.option("--threshold", type=float, default=0.8, show_default=True, help="Explained variance of each weight's subspace.")
-@click.option("--activation-threshold", type=float, default=0.95, show_default=True,
+@click.option("--update", type=click.Choice(["subspace-iteration", "optimizer-step", "factored"]), default="optimizer-step",
+              show_default=True, help="WASI training rule: optimizer-step: L, R stepped by the optimizer and re-orthonormalised "
+                   "(momentum, AdamW, DDP); or the paper's subspace iteration inside backward (plain SGD). 'factored' is the "
+                   "old name of optimizer-step.")
+@click.option("--threshold", type=float, default=0.7, show_default=True, help="Explained variance of each weight's subspace "
+              "(the paper uses 0.8).")
+@click.option("--activation-threshold", type=float, default=0.98, show_default=True,
               help="Explained variance of each saved input's Tucker ranks (without --activation-budget).")
 @click.option("--activation-budget", default=None, help="Bytes for the saved inputs of the compressed layers (e.g. 2MB); "
               "plans per-layer Tucker ranks on a calibration batch.")
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across DDP processes).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.05 for sgd, 3e-4 for adamw]; "
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.01 for sgd with momentum, 0.05 "
+              "without, 3e-4 for adamw]; "
               "subspace-iteration layers use it for their in-backward SGD update.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning rate per step: cosine decay from --lr over the run, or constant.")
-@click.option("--momentum", type=float, default=0.0, show_default=True,
-              help="SGD momentum (the paper uses none; the README's transfer recipe uses 0.9 with --lr 0.01).")
+@click.option("--momentum", type=float, default=None,
+              help="SGD momentum [default: 0.9; the paper's SGD has none: --momentum 0].")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--step-in-backward", is_flag=True, help="Run each parameter's optimizer step inside backward as soon as its "
-              "gradient is ready, and drop the gradient: gradients never all exist at once (not under DDP).")
+@click.option("--step-in-backward/--no-step-in-backward", default=None, help="Run each parameter's optimizer step inside "
+              "backward as soon as its gradient is ready, and drop the gradient: gradients never all exist at once "
+              "[default: on where it can run: one process, no --micro-batches, no --memory-budget].")
 @click.option("--memory-budget", default=None, help="Fit the whole training step's measured peak under this many bytes "
               "(e.g. 200MB; units as --budget): plans micro-batches, recomputation, saved-tensor forms and weight ranks.")
 @click.option("--micro-batches", type=int, default=1, show_default=True,

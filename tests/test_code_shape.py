@@ -22,7 +22,8 @@ def test_no_library_function_is_over_60_lines(path):
     assert not long, long
 
 
-@pytest.mark.parametrize("job,transform", [("convert/job.py", "lowrank_"), ("finetune/job.py", "prepare_training_")])
+@pytest.mark.parametrize("job,transform", [("convert/job.py", "lowrank_"), ("finetune/job.py", "prepare_with_levers_"),
+                                           ("finetune/memory_budget.py", "prepare_training_")])
 def test_jobs_compose_the_transforms(job, transform):
     source = (ROOT / "wasi_compress" / job).read_text()
     assert f"{transform}(" in source

@@ -50,7 +50,12 @@ def test_config_round_trips_and_validates():
     cfg = FinetuneConfig(model="builtin:mnist-vit", data="digits", method="asi", activation_budget="2MB", finetune_last=2)
     assert FinetuneConfig.from_json(cfg.to_json()) == cfg
     assert cfg.activation_budget_bytes == 2_000_000
-    assert cfg.effective_lr == 0.05 and FinetuneConfig(model="m:f", data="digits", optimizer="adamw").effective_lr == 3e-4
+    # the defaults: SGD momentum 0.9 at lr 0.01; the paper's SGD without momentum at 0.05; AdamW 3e-4
+    assert (cfg.effective_lr, cfg.effective_momentum) == (0.01, 0.9)
+    assert FinetuneConfig(model="m:f", data="digits", momentum=0.0).effective_lr == 0.05
+    adamw = FinetuneConfig(model="m:f", data="digits", optimizer="adamw")
+    assert (adamw.effective_lr, adamw.effective_momentum) == (3e-4, 0.0)
+    assert cfg.in_backward and not FinetuneConfig(model="m:f", data="digits", memory_budget="1GB").in_backward
     with pytest.raises(UserError, match="unknown"):
         FinetuneConfig.from_dict({"model": "m:f", "data": "digits", "colour": "red"})
 
@@ -74,7 +79,7 @@ BAD_SETTINGS = [
     ({"resume": True}, r"resume needs -o"),
     ({"output": "out.pt"}, r"out\.pt.*must have the \.safetensors suffix"),
     ({"method": "vanilla", "activation_budget": "1MB"}, r"activation.budget needs .*wasi or asi"),
-    ({"step_in_backward": "yes"}, r"step.in.backward must be true or false, got 'yes'"),
+    ({"step_in_backward": "yes"}, r"step.in.backward must be true, false or null \(where it can run\), got 'yes'"),
     ({"data": ""}, r"data is empty"),
 ]
 
@@ -399,7 +404,7 @@ def test_adapted_images_and_classifier_reset(spec, tmp_path):
 def test_subspace_iteration_is_refused_under_ddp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="cannot run under DDP"):
-        finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits"))
+        finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits", update="subspace-iteration"))
     with pytest.raises(UserError, match="step-in-backward cannot run under DDP"):
         finetune(FinetuneConfig(model="builtin:mnist-vit", data="digits", update="factored", step_in_backward=True))
 

@@ -112,7 +112,7 @@ def _fits():
         for activation, scale in (("exact", 1.0), ("code8", 0.8), ("code2", 0.7)):
             for accumulate in (False, True):
                 slope = int(100 * scale * (0.3 if recompute else 1.0))
-                fits[(recompute, activation, "exact", accumulate)] = ActivationFit(2, 50 + 2 * slope, 4, 50 + 4 * slope)
+                fits[(recompute, activation, "exact", accumulate)] = ActivationFit((2, 4), (50 + 2 * slope, 50 + 4 * slope))
     return fits
 
 
@@ -152,6 +152,19 @@ def test_planner_weight_ranks_are_the_exact_optimum_within_what_the_step_leaves(
     assert plan.predicted["peak"] <= 2000
 
 
+def test_micro_batches_below_the_minimum_only_when_nothing_else_fits():
+    many = [StepLevers(m, r, "exact") for m in (1, 2, 4, 8, 16, 32, 64) for r in (False, True)]
+
+    def plan(budget):
+        return plan_step(budget_bytes=budget, batch_size=64, fixed_bytes=500, batch_bytes=80, weight_layers=_weights(),
+                         fits=_fits(), lever_errors=ERRORS, options=many, min_micro_batch=8)
+
+    roomy = plan(2600)  # lower ranks with micro-batches of 8, though 64 chunks of 1 would keep more rank
+    assert roomy.predicted["micro_batch"] >= 8 and roomy.error["weights"] > 0
+    tight = plan(1300)  # only chunks below 8 samples fit
+    assert tight.predicted["micro_batch"] < 8 and tight.predicted["peak"] <= 1300
+
+
 def test_an_infeasible_budget_names_the_smallest_feasible_one():
     with pytest.raises(InfeasibleBudgetError) as info:
         _plan(100)
@@ -160,6 +173,14 @@ def test_an_infeasible_budget_names_the_smallest_feasible_one():
     assert _plan(smallest).predicted["peak"] <= smallest  # and it is feasible
     with pytest.raises(InfeasibleBudgetError):
         _plan(smallest - 1)
+
+
+def test_activation_fit_interpolates_between_measured_sizes_and_extrapolates_beyond():
+    fit = ActivationFit((1, 2, 4), (100, 150, 230))
+    assert [fit.at(b) for b in (1, 2, 3, 4, 8)] == [100, 150, 190, 230, 390]
+    assert fit.at(0) == 50  # below the smallest: along the first segment
+    with pytest.raises(ValueError):
+        ActivationFit((2, 1), (1, 2))
 
 
 def test_levers_round_trip_and_validate():
@@ -176,7 +197,7 @@ def test_levers_round_trip_and_validate():
     ({"micro_batches": 0}, "--micro-batches must be an integer from 1"),
     ({"micro_batches": 65}, "--micro-batches must be an integer from 1 to --batch-size"),
     ({"micro_batches": 2, "step_in_backward": True, "update": "optimizer-step"}, "--step-in-backward"),
-    ({"micro_batches": 2}, "--update optimizer-step"),
+    ({"micro_batches": 2, "update": "subspace-iteration"}, "--update optimizer-step"),
     ({"memory_budget": "20MB", "micro_batches": 2, "update": "optimizer-step"}, "chooses the micro-batches"),
     ({"memory_budget": "lots"}, "--memory-budget"),
 ])
@@ -265,3 +286,16 @@ def test_a_budgeted_run_resumes_to_the_uninterrupted_result_without_replanning(t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.doc["levers"] == straight.doc["levers"]
     assert straight.doc["memory"]["peak_bytes"] <= 600_000
+
+
+def test_analyze_levers_names_the_smallest_peak_of_each_lever(cli, tmp_path):
+    out = tmp_path / "a.json"
+    result = cli("analyze", "vit_models:tiny_timm_vit", "--batch-size", "16", "--levers", "--json", out)
+    assert result.exit_code == 0, result.output
+    import json
+
+    floors = json.loads(out.read_text())["memory_levers"]["smallest_peak_bytes"]
+    none, together = floors.pop("none (exact forms only)"), floors.pop("all together")
+    assert {"per-block recomputation", "2-bit activation codes", "Tucker saved linear inputs",
+            "low-rank weights (smallest ranks)", "micro-batching (16 micro-batches)"} == set(floors)
+    assert all(together <= v < none for v in floors.values()), floors

@@ -20,15 +20,16 @@ The memory model, term by term (every term in bytes, at the run's batch B and mi
 ``fixed``: parameters, buffers, gradients and optimizer state of everything the planner does not size
 (derived from tensor sizes); the weight cost of a planned layer: its parameters (L and R, or the dense
 weight) times (1 + gradient + optimizer-state copies) (derived); ``batch``: the input batch (derived);
-``activations(b)``: what a step holds beyond those, measured on the real model with these levers at two
-small micro-batch sizes (the live-tensor tracker's peak minus the derived terms) and extrapolated
-linearly in b (`ActivationFit`). Gradients are counted whole (conservative: at the peak some may not
+``activations(b)``: what a step holds beyond those, measured on the real model with these levers at three
+small micro-batch sizes (the live-tensor tracker's peak minus the derived terms), interpolated between
+them and extrapolated linearly in b beyond them (`ActivationFit`). Gradients are counted whole (conservative: at the peak some may not
 exist yet).
 
 The choice is exact over the candidate set: for every lever combination the planned layers' ranks are
 chosen by the exact DP planner (`wasi_compress.planner.plan_dp`, relative weight error per layer) within
 what the rest of the step leaves of the budget; the combination with the least total error wins (ties:
-fewer micro-batches, then no recomputation, which are faster).
+fewer micro-batches, then no recomputation, which are faster). Micro-batches below ``MIN_MICRO_BATCH``
+samples are considered only when no plan with larger ones fits, since they slow the step down.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ from wasi_compress.units import format_bytes
 __all__ = ["ACTIVATION_FORMS", "LINEAR_INPUT_FORMS", "ActivationFit", "StepLevers", "StepPlan", "plan_step"]
 
 ACTIVATION_FORMS = ("exact", "code8", "code2")
+# Micro-batches smaller than this are chosen only when nothing else fits: on a CPU a step of many tiny
+# chunks runs several times slower (on builtin:mnist-vit, 64 chunks of 1 sample with recomputation took
+# 4.6x the time of one batch of 64), a cost the error proxy does not see.
+MIN_MICRO_BATCH = 8
 LINEAR_INPUT_FORMS = ("exact", "tucker")
 
 
@@ -86,16 +91,22 @@ class StepLevers:
 
 @dataclass(frozen=True)
 class ActivationFit:
-    """activations(b) = a + s b from two measured micro-batch sizes (b1 < b2)."""
+    """activations(b), piecewise linear through measured micro-batch sizes (``sizes`` increasing, with
+    ``bytes_at`` the activation term measured at each): interpolated between them, extrapolated beyond
+    the largest along the last segment's slope."""
 
-    b1: int
-    bytes1: int
-    b2: int
-    bytes2: int
+    sizes: tuple[int, ...]
+    bytes_at: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.sizes) < 2 or len(self.sizes) != len(self.bytes_at) or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"need two or more increasing sizes with one figure each, got {self.sizes}, {self.bytes_at}")
 
     def at(self, b: int) -> int:
-        slope = (self.bytes2 - self.bytes1) / (self.b2 - self.b1)
-        return max(0, int(math.ceil(self.bytes1 + slope * (b - self.b1))))
+        pairs = list(zip(self.sizes, self.bytes_at))
+        segment = next(((p, q) for p, q in zip(pairs, pairs[1:]) if b <= q[0]), (pairs[-2], pairs[-1]))
+        (b1, y1), (b2, y2) = segment
+        return max(0, int(math.ceil(y1 + (y2 - y1) / (b2 - b1) * (b - b1))))
 
 
 @dataclass
@@ -121,8 +132,8 @@ class StepPlan:
                 "error": self.error, "budget_bytes": self.user_budget_bytes or self.budget_bytes,
                 "planned_under_bytes": self.budget_bytes, "considered": self.considered,
                 "memory_model": "peak = fixed + planned weights + batch + activations(micro-batch); fixed, weights "
-                                "and batch derived from tensor sizes, activations measured at two small micro-batch "
-                                "sizes with these levers and extrapolated linearly",
+                                "and batch derived from tensor sizes, activations measured at three small micro-batch "
+                                "sizes with these levers, interpolated and extrapolated linearly",
                 "error_proxy": "sum of relative errors: weight truncation ||W - W_k||_F / ||W||_F per planned layer, "
                                "activation-code gradient error per block, Tucker weight-gradient error per layer",
                 "notes": self.notes}
@@ -134,13 +145,27 @@ def _micro_batch(batch_size: int, m: int) -> int:
 
 def plan_step(*, budget_bytes: int, batch_size: int, fixed_bytes: int, batch_bytes: int,
               weight_layers: Sequence[LayerCandidates], fits: Mapping[tuple, ActivationFit],
-              lever_errors: Mapping[tuple[str, str], float], options: Sequence[StepLevers]) -> StepPlan:
+              lever_errors: Mapping[tuple[str, str], float], options: Sequence[StepLevers],
+              min_micro_batch: int = MIN_MICRO_BATCH) -> StepPlan:
     """The least-error plan whose predicted peak fits ``budget_bytes`` (see the module docstring).
 
     ``weight_layers``: per planned layer its candidates (cost = parameter bytes x (1 + gradient + state
     copies), error = relative weight error). ``fits``: the activation fit of each ``StepLevers.fit_key``.
     ``lever_errors[("activation", form)]`` and ``[("linear_inputs", form)]``: the error of each form.
+    Options whose micro-batch is below ``min_micro_batch`` samples are tried only when no other fits.
     Raises InfeasibleBudgetError naming the smallest predicted peak of any option."""
+    roomy = [o for o in options if _micro_batch(batch_size, o.micro_batches) >= min(min_micro_batch, batch_size)]
+    if roomy and len(roomy) < len(options):
+        try:
+            return _plan_among(roomy, budget_bytes, batch_size, fixed_bytes, batch_bytes, weight_layers, fits,
+                               lever_errors)
+        except InfeasibleBudgetError:
+            pass
+    return _plan_among(options, budget_bytes, batch_size, fixed_bytes, batch_bytes, weight_layers, fits, lever_errors)
+
+
+def _plan_among(options, budget_bytes, batch_size, fixed_bytes, batch_bytes, weight_layers, fits,
+                lever_errors) -> StepPlan:
     best: tuple | None = None
     smallest = None
     for levers in options:

@@ -53,7 +53,7 @@ def _check_supported(config) -> None:
     if config.method == "wasi" and config.update == "subspace-iteration":
         raise UserError("--update subspace-iteration cannot run under DDP: it updates L, R inside backward from this "
                         "process's gradient only (no all-reduce), so replicas would drift apart; use --update optimizer-step")
-    if config.step_in_backward:
+    if config.step_in_backward is True:
         raise UserError("--step-in-backward cannot run under DDP: each step would run on this process's gradient "
                         "before DDP averages it; drop --step-in-backward")
 

@@ -62,7 +62,8 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
     body = {
         "model": config.model, "data": config.data, "method": config.method,
         "update": config.update if config.method == "wasi" else None, "seed": config.seed,
-        "optimizer": config.optimizer, "lr": config.effective_lr, "schedule": config.schedule,
+        "optimizer": config.optimizer, "lr": config.effective_lr, "momentum": config.effective_momentum,
+        "step_in_backward": config.in_backward, "schedule": config.schedule,
         "batch_size": config.batch_size, "threshold": config.threshold if config.method == "wasi" else None,
         "activation_threshold": config.activation_threshold if config.method != "vanilla" else None,
         "finetune_last": config.finetune_last, "world_size": run.dist.world,

@@ -2,7 +2,7 @@
 (`wasi_compress.step_plan.plan_step`) and apply the chosen levers.
 
 What is measured, on copies of the model (nothing here trains the run's model):
-- per lever combination (`StepLevers.fit_key`), the activation term at two small micro-batch sizes: the
+- per lever combination (`StepLevers.fit_key`), the activation term at three small micro-batch sizes: the
   live-tensor peak of a real step (`measure_step`) minus the derived terms (parameters, buffers, whole
   gradients, optimizer state, the batch);
 - the Tucker form's relative weight-gradient error per layer on the calibration batch
@@ -28,7 +28,7 @@ from wasi_compress.planner import Candidate, LayerCandidates
 from wasi_compress.units import format_bytes
 from wasi_compress.step_plan import ACTIVATION_FORMS, ActivationFit, StepLevers, StepPlan, plan_step
 
-__all__ = ["PlanInputs", "apply_levers_", "changes_model", "measure_plan_inputs", "plan_and_check", "plan_inputs_for", "prepare_with_levers_",
+__all__ = ["PlanInputs", "apply_levers_", "changes_model", "lever_floors", "measure_plan_inputs", "memory_levers", "plan_and_check", "plan_inputs_for", "prepare_with_levers_",
            "state_copies"]
 
 WEIGHT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -115,19 +115,20 @@ def state_copies(config) -> int:
     """Optimizer-state tensors per trained parameter: SGD with momentum 1, AdamW 2, plain SGD 0."""
     if config.optimizer == "adamw":
         return 2
-    return 1 if config.momentum else 0
+    return 1 if config.effective_momentum else 0
 
 
 def _options(config, blocks_ok: bool, method: str) -> list[StepLevers]:
-    in_backward = config.step_in_backward or (method == "wasi" and config.update == "subspace-iteration")
+    in_backward = config.in_backward or (method == "wasi" and config.update == "subspace-iteration")
     counts = [1] if in_backward else sorted({min(2 ** i, config.batch_size) for i in range(12)})
     linear = ("exact", "tucker") if method == "wasi" else (("tucker",) if method == "asi" else ("exact",))
     return [StepLevers(m, r, a, li) for m in counts for r in ((False, True) if blocks_ok else (False,))
             for a in ACTIVATION_FORMS for li in linear]
 
 
-def _fit_sizes(batch_size: int) -> tuple[int, int]:
-    return (1, 2) if batch_size < 8 else (2, 4)
+def _fit_sizes(batch_size: int) -> tuple[int, ...]:
+    """Micro-batch sizes to measure at: small (cheap to run) yet spanning the sizes plans use most."""
+    return tuple(b for b in (1, 2, 4) if 2 * b <= max(batch_size, 2)) if batch_size >= 4 else (1, 2)
 
 
 def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x: Tensor, y: Tensor, b: int) -> int:
@@ -150,14 +151,14 @@ def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x:
 
 
 def _fits(prepared, options, blocks, config, x, y, status) -> dict[tuple, ActivationFit]:
-    b1, b2 = _fit_sizes(config.batch_size)
+    sizes = _fit_sizes(config.batch_size)
     keys = list(dict.fromkeys(levers.fit_key for levers in options))
     fits = {}
     for levers in options:
         if levers.fit_key not in fits:
             status(f"measuring lever combination {len(fits) + 1}/{len(keys)}")
-            fits[levers.fit_key] = ActivationFit(b1, _activation_term(prepared, levers, blocks, config, x, y, b1),
-                                                 b2, _activation_term(prepared, levers, blocks, config, x, y, b2))
+            fits[levers.fit_key] = ActivationFit(sizes, tuple(_activation_term(prepared, levers, blocks, config, x, y, b)
+                                                              for b in sizes))
     return fits
 
 
@@ -218,6 +219,54 @@ class PlanInputs:
                          lever_errors=self.lever_errors, options=self.options)
         step.notes += self.notes
         return step
+
+
+def lever_floors(inputs: "PlanInputs") -> dict[str, int]:
+    """The smallest predicted whole-step peak (bytes) with each lever alone at its strongest, and with all of
+    them together (the smallest feasible budget). Memory-sharing LayerNorm and fused attention are on in
+    every row, as under a budget; rows for levers the run cannot use (micro-batching with an in-backward
+    step, Tucker inputs for vanilla) are left out."""
+    dense = sum(next((c.cost_bytes for c in layer.candidates if c.rank is None), max(c.cost_bytes for c in layer.candidates))
+                for layer in inputs.weight_layers)
+    smallest = sum(min(c.cost_bytes for c in layer.candidates) for layer in inputs.weight_layers)
+    most = max(o.micro_batches for o in inputs.options)
+
+    def peak(levers: StepLevers, weights: int) -> int | None:
+        fit = inputs.fits.get(levers.fit_key)
+        if levers not in inputs.options or fit is None:
+            return None
+        b = -(-inputs.batch_size // levers.micro_batches)
+        return inputs.fixed_bytes + inputs.batch_bytes + fit.at(b) + weights
+
+    rows = {"none (exact forms only)": peak(StepLevers(), dense),
+            f"micro-batching ({most} micro-batches)": peak(StepLevers(micro_batches=most), dense),
+            "per-block recomputation": peak(StepLevers(recompute=True), dense),
+            "2-bit activation codes": peak(StepLevers(activation="code2"), dense),
+            "Tucker saved linear inputs": peak(StepLevers(linear_inputs="tucker"), dense),
+            "low-rank weights (smallest ranks)": peak(StepLevers(), smallest)}
+    rows["all together"] = min(v for v in (peak(o, smallest) for o in inputs.options) if v is not None)
+    return {k: v for k, v in rows.items() if v is not None}
+
+
+def memory_levers(model: nn.Module, batch_size: int, input_size, device: str = "cpu") -> dict[str, Any]:
+    """`lever_floors` of `model` at `batch_size` (random inputs and labels) for WASI trained by SGD with
+    momentum 0.9 (optimizer-step rule): what `analyze --levers` adds to the analyze document."""
+    from wasi_compress.finetune.config import FinetuneConfig
+    from wasi_compress.inputs import example_input
+    from wasi_compress.passes.attention import ExplicitAttentionPass
+
+    dense = copy.deepcopy(model).to(device)
+    ExplicitAttentionPass()(dense)
+    x = example_input(tuple(input_size), batch_size, device=device)
+    with torch.no_grad():
+        classes = int(dense.eval()(x[:1]).shape[-1])
+    y = torch.randint(0, classes, (batch_size,), generator=torch.Generator().manual_seed(0)).to(device)
+    config = FinetuneConfig(model="analyze", data="random", method="wasi", update="optimizer-step", batch_size=batch_size,
+                            step_in_backward=False)  # micro-batches need the whole gradient
+    return {"smallest_peak_bytes": lever_floors(plan_inputs_for(dense, config, x, y)),
+            "optimizer": "SGD, momentum 0.9 (WASI, optimizer-step rule)",
+            "source": "derived: the step planner's memory model (wasi_compress.step_plan) over activation terms "
+                      "measured at three small micro-batch sizes"}
 
 
 def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x: Tensor, y: Tensor,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from wasi_compress.errors import UserError
-from wasi_compress.finetune.config import FinetuneConfig
+from wasi_compress.finetune.config import DEFAULT_MOMENTUM, FinetuneConfig
 from wasi_compress.modules.asi import TuckerCompressor
 from wasi_compress.modules.training import canonical_update
 from wasi_compress.outputs import Outputs
@@ -97,17 +97,28 @@ def check_resume(config: FinetuneConfig, state: dict[str, Any], world: int, path
         version = state.get("version") if isinstance(state, dict) else None
         raise UserError(f"{path}: resume state version {version!r} is not one this version reads")
     check_state_schema(state, path)
-    # a setting added after the state was written was at its default then
-    saved = {**FinetuneConfig(model=config.model, data=config.data).to_dict(), **json.loads(state["config"])}
+    # a setting added after the state was written was at its default then (step_in_backward's was off)
+    saved = {**FinetuneConfig(model=config.model, data=config.data).to_dict(), "step_in_backward": False,
+             **json.loads(state["config"])}
     saved["update"] = canonical_update(saved["update"])  # a state written before the rename
     now = config.to_dict()
     keys = _RESUME_KEYS + (("epochs",) if config.schedule == "cosine" else ())
     for key in keys:
-        if saved.get(key) != now.get(key):
+        if _resolved(saved, key, world) != _resolved(now, key, world):
             raise UserError(f"{path}: was written with {key}={saved.get(key)!r}, but this run has {key}={now.get(key)!r}; "
                             "resume with the same settings (with --schedule constant, --epochs may grow)")
     if len(state["per_rank"]) != world:
         raise UserError(f"{path}: was written by {len(state['per_rank'])} processes; resume with the same number (now {world})")
+
+
+def _resolved(settings: dict[str, Any], key: str, world: int) -> Any:
+    """A setting as the run used it: momentum and step_in_backward may be None ("the default")."""
+    value = settings.get(key)
+    if value is None and key == "momentum":
+        return DEFAULT_MOMENTUM if settings.get("optimizer") == "sgd" else 0.0
+    if value is None and key == "step_in_backward":
+        return settings.get("micro_batches", 1) == 1 and settings.get("memory_budget") is None and world <= 1
+    return value
 
 
 def save_resume(path: Path, outputs: Outputs, *, config: FinetuneConfig, epoch: int, model: nn.Module, optimizer, history, step_times,

@@ -74,5 +74,5 @@ def make_run_optimizer(params: list[nn.Parameter], config, *, ordinary: bool = F
     """The run's optimizer; `ordinary` forces a plain step after backward (the vanilla baseline's)."""
     from wasi_compress.optim import make_optimizer
 
-    return make_optimizer(params, config.optimizer, lr=config.effective_lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay, step_in_backward=config.step_in_backward and not ordinary)
+    return make_optimizer(params, config.optimizer, lr=config.effective_lr, momentum=config.effective_momentum,
+                          weight_decay=config.weight_decay, step_in_backward=config.in_backward and not ordinary)
