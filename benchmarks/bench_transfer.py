@@ -17,14 +17,14 @@ Two tasks (--task):
   differences between methods show.
 
 Two settings, each run for both methods:
-- recipe: SGD momentum 0.9, lr 0.01 (cosine); WASI with the optimizer-step rule, weight threshold 0.7,
-  activation threshold 0.95 and --step-in-backward;
+- defaults: the command with no options (SGD momentum 0.9, lr 0.01, cosine, for both; WASI with the
+  optimizer-step rule, weight threshold 0.7, Tucker threshold 0.98, the step inside backward);
 - paper: SGD without momentum, lr 0.05 (cosine); WASI with the subspace-iteration rule, weight
-  threshold 0.8, activation threshold 0.95 (the command's defaults).
-Target (recipe): mean WASI accuracy within 1 point of mean vanilla, linear-layer bytes at least 10x lower;
-exits 1 if missed. Takes about 12 minutes on 2 cores per task (mnist-rot: about 15 on one core).
+  threshold 0.8, activation threshold 0.95.
+Target (defaults): mean WASI accuracy at most 0.5 point below mean vanilla, linear-layer bytes at least 10x
+lower; exits 1 if missed. Takes about 12 minutes on 2 cores per task (mnist-rot: about 15 on one core).
 
-    .venv/bin/python benchmarks/bench_transfer.py [--task digits|mnist-rot] [--settings recipe,paper] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/bench_transfer.py [--task digits|mnist-rot] [--settings defaults,paper] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from wasi_compress.finetune import FinetuneConfig, finetune
 
 SEEDS = (0, 1, 2)
 SETTINGS = {
-    "recipe": {"vanilla": {"momentum": 0.9, "lr": 0.01},
-               "wasi": {"momentum": 0.9, "lr": 0.01, "update": "optimizer-step", "threshold": 0.7, "step_in_backward": True}},
-    "paper": {"vanilla": {}, "wasi": {}},
+    # the command with no options (section 3 of issue 13: the defaults must keep accuracy)
+    "defaults": {"vanilla": {}, "wasi": {}},
+    "paper": {"vanilla": {"momentum": 0.0},
+              "wasi": {"momentum": 0.0, "update": "subspace-iteration", "threshold": 0.8, "activation_threshold": 0.95}},
 }
 
 
@@ -104,7 +105,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=TASKS, default="digits",
                         help="digits: scikit-learn's 8x8 digits (default); mnist-rot: the harder task (see the docstring)")
-    parser.add_argument("--settings", default="recipe,paper")
+    parser.add_argument("--settings", default="defaults,paper")
     parser.add_argument("--seeds", default=",".join(str(s) for s in SEEDS))
     args = parser.parse_args()
     names, seeds = args.settings.split(","), [int(s) for s in args.seeds.split(",")]
@@ -139,8 +140,8 @@ def report(task: str, data: str, names: list[str], seeds: list[int]) -> int:
         ratio = rows["vanilla"]["linear"] / rows["wasi"]["linear"]
         print(f"gap (vanilla - wasi): {gap:.2f} points; linear-layer bytes {ratio:.1f}x lower "
               f"(memory measured over one step; accuracy on {rows['wasi']['test_images']} held-out images)")
-        if name == "recipe" and not (gap <= 1.0 and ratio >= 10.0):
-            print("TARGET MISSED: the recipe must stay within 1 point at >= 10x lower linear-layer bytes")
+        if name == "defaults" and not (gap <= 0.5 and ratio >= 10.0):
+            print("TARGET MISSED: the defaults must stay within 0.5 point of vanilla at >= 10x lower linear-layer bytes")
             ok = False
     return 0 if ok else 1
 

@@ -298,4 +298,7 @@ def test_analyze_levers_names_the_smallest_peak_of_each_lever(cli, tmp_path):
     none, together = floors.pop("none (exact forms only)"), floors.pop("all together")
     assert {"per-block recomputation", "2-bit activation codes", "Tucker saved linear inputs",
             "low-rank weights (smallest ranks)", "micro-batching (16 micro-batches)"} == set(floors)
-    assert all(together <= v < none for v in floors.values()), floors
+    assert all(together <= v for v in floors.values()), floors
+    # exact levers and codes always save; Tucker forms of this tiny model's inputs at 0.98 keep nearly full
+    # ranks, so their factors can cost more than they save (the row says so rather than hiding it)
+    assert all(v < none for k, v in floors.items() if not k.startswith("Tucker")), floors

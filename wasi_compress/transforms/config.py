@@ -156,8 +156,8 @@ class WasiConfig(TransformConfig):
 
     method: str = "wasi"
     update: str = "optimizer-step"
-    threshold: float = 0.8
-    activation_threshold: float | None = 0.95
+    threshold: float = 0.7   # the command's defaults (wasi_compress/finetune/config.py says why)
+    activation_threshold: float | None = 0.98
     activation_budget: str | int | None = None
     calibration_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     finetune_last: int | None = None
