@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wasi_compress  # noqa: E402,F401  (before timm)
 from wasi_compress.finetune import FinetuneConfig, finetune, measure_step, train_step  # noqa: E402
-from wasi_compress.finetune.memory_budget import plan_and_check, plan_inputs_for, prepare_with_levers_  # noqa: E402
+from wasi_compress.finetune.memory_budget import (  # noqa: E402
+    plan_and_check, plan_inputs_for, predict_peak, prepare_with_levers_,
+)
 from wasi_compress.finetune.steps import after_step_fn, make_run_optimizer  # noqa: E402
-from wasi_compress.recompute import recompute_blocks_  # noqa: E402
 from wasi_compress.step_plan import StepLevers  # noqa: E402
 
 FRACTIONS = (4, 10, 20)
@@ -61,30 +62,25 @@ def _peak(model, config, x, y, m) -> int:
     return measure_step(twin, opt, x, y, linears={}, micro_batches=m)["peak_bytes"]
 
 
-def _blocks(model) -> list[str]:
-    from wasi_compress.passes.capture import capture
-    from wasi_compress.passes.training import BLOCK_ROLES, block_of
-
-    sites = capture(model, torch.zeros(2, *EXAMPLE_SHAPE)).sites
-    return list(dict.fromkeys(block_of(s.name) for s in sites if s.role in BLOCK_ROLES and block_of(s.name)))
-
-
 def build_rows(dense, x, y, emit) -> list[dict]:
+    """The fixed rows (each with the memory model's prediction for it), then the planner's."""
+    as_is = dict(layernorm="exact", attention="as-is")
     vanilla_cfg = _config("vanilla")
-    rows = [_row("vanilla", copy.deepcopy(dense), vanilla_cfg)]
-    vanilla_peak = _peak(rows[0]["model"], vanilla_cfg, x, y, 1)
-    checkpointed = copy.deepcopy(dense)
-    recompute_blocks_(checkpointed, _blocks(dense))
-    rows.append(_row("checkpointing (per block)", checkpointed, vanilla_cfg))
-    rows.append(_row("micro-batching, 4 micro-batches", copy.deepcopy(dense), vanilla_cfg, 4))
     wasi_cfg = _config("wasi")  # the command's default thresholds and rule, with the benchmark's optimizer
-    handle, _ = prepare_with_levers_(copy.deepcopy(dense), wasi_cfg, StepLevers(linear_inputs="tucker", layernorm="exact",
-                                                                              attention="as-is"), example=x[:2])
-    rows.append(_row("WASI, default thresholds", handle.model, wasi_cfg))
+    fixed = (("vanilla", vanilla_cfg, StepLevers(**as_is)),
+             ("checkpointing (per block)", vanilla_cfg, StepLevers(recompute=True, **as_is)),
+             ("micro-batching, 4 micro-batches", vanilla_cfg, StepLevers(micro_batches=4, **as_is)),
+             ("WASI, default thresholds", wasi_cfg, StepLevers(linear_inputs="tucker", **as_is)))
+    rows = []
+    for name, config, levers in fixed:
+        predicted = predict_peak(dense, config, levers, x, y).predicted_peak_bytes
+        handle, _ = prepare_with_levers_(copy.deepcopy(dense), config, levers, example=x[:2])
+        rows.append(_row(name, handle.model, config, levers.micro_batches, predicted))
+    vanilla_peak = _peak(rows[0]["model"], vanilla_cfg, x, y, 1)
     planned_cfg = _config("wasi", update="optimizer-step")
     started = time.perf_counter()
     inputs = plan_inputs_for(copy.deepcopy(dense), planned_cfg, x, y)
-    emit(f"planner measurements: {len(inputs.fits)} lever combinations in {time.perf_counter() - started:.0f} s")
+    emit(f"planner measurements: {len(inputs.model.fits)} form combinations in {time.perf_counter() - started:.0f} s")
     for fraction in FRACTIONS:
         budget = vanilla_peak // fraction
 
@@ -158,11 +154,7 @@ def accuracy(model_spec: str, emit) -> None:
          f"every planned run's measured peak under the budget: {all(d['memory']['peak_bytes'] <= budget for d in planned)}")
 
 
-EXAMPLE_SHAPE: tuple[int, ...] = ()
-
-
 def main(argv=None) -> None:
-    global EXAMPLE_SHAPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="timm:vit_base_patch32_224")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -184,7 +176,6 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model)
     c, h, w = loaded.input_size
-    EXAMPLE_SHAPE = (c, h, w)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, c, h, w, generator=g)
     y = torch.randint(0, loaded.num_classes or 10, (args.batch_size,), generator=g)

@@ -15,7 +15,7 @@ from wasi_compress.finetune import FinetuneConfig, finetune, train_step
 from wasi_compress.measure import LiveTensorBytes
 from wasi_compress.planner import Candidate, LayerCandidates, plan_brute_force
 from wasi_compress.recompute import is_recomputed, recompute_blocks_, restore_blocks_
-from wasi_compress.step_plan import ActivationFit, StepLevers, plan_step
+from wasi_compress.step_plan import ActivationFit, StepLevers, StepModel, plan_step
 
 torch.set_num_threads(1)
 
@@ -105,15 +105,16 @@ def _weights():
                                       Candidate(200, 0.3 * (i + 1), 4, "rank 4"))) for i in range(3)]
 
 
-def _fits():
+def _model(batch_size=8, end=0):
     # activation bytes at micro-batch b: a + s b; recomputation and codes cut the slope
     fits = {}
     for recompute in (False, True):
         for activation, scale in (("exact", 1.0), ("code8", 0.8), ("code2", 0.7)):
-            for accumulate in (False, True):
-                slope = int(100 * scale * (0.3 if recompute else 1.0))
-                fits[(recompute, activation, "exact", accumulate)] = ActivationFit((2, 4), (50 + 2 * slope, 50 + 4 * slope))
-    return fits
+            slope = int(100 * scale * (0.3 if recompute else 1.0))
+            fits[StepLevers(1, recompute, activation).fit_key] = ActivationFit((2, 4), (50 + 2 * slope, 50 + 4 * slope))
+    return StepModel(batch_size=batch_size, fixed_bytes=500, fixed_grad_bytes=0, batch_bytes=80,
+                     weight_layers=tuple(_weights()), grad_share=0.0, fits=fits,
+                     end_terms={key: end for key in fits})
 
 
 ERRORS = {("activation", "exact"): 0.0, ("activation", "code8"): 0.01, ("activation", "code2"): 0.2}
@@ -121,8 +122,7 @@ OPTIONS = [StepLevers(m, r, a) for m in (1, 2, 4, 8) for r in (False, True) for 
 
 
 def _plan(budget, options=OPTIONS):
-    return plan_step(budget_bytes=budget, batch_size=8, fixed_bytes=500, batch_bytes=80, weight_layers=_weights(),
-                     fits=_fits(), lever_errors=ERRORS, options=options)
+    return plan_step(_model(), budget, lever_errors=ERRORS, options=options)
 
 
 def test_planner_takes_the_whole_model_at_a_generous_budget():
@@ -156,8 +156,7 @@ def test_micro_batches_below_the_minimum_only_when_nothing_else_fits():
     many = [StepLevers(m, r, "exact") for m in (1, 2, 4, 8, 16, 32, 64) for r in (False, True)]
 
     def plan(budget):
-        return plan_step(budget_bytes=budget, batch_size=64, fixed_bytes=500, batch_bytes=80, weight_layers=_weights(),
-                         fits=_fits(), lever_errors=ERRORS, options=many, min_micro_batch=8)
+        return plan_step(_model(64), budget, lever_errors=ERRORS, options=many, min_micro_batch=8)
 
     roomy = plan(2600)  # lower ranks with micro-batches of 8, though 64 chunks of 1 would keep more rank
     assert roomy.predicted["micro_batch"] >= 8 and roomy.error["weights"] > 0
@@ -173,6 +172,17 @@ def test_an_infeasible_budget_names_the_smallest_feasible_one():
     assert _plan(smallest).predicted["peak"] <= smallest  # and it is feasible
     with pytest.raises(InfeasibleBudgetError):
         _plan(smallest - 1)
+
+
+def test_a_one_chunk_step_peaks_at_the_larger_of_early_backward_and_its_end():
+    """One chunk: saved tensors peak early in backward with few gradients, or every gradient at the end;
+    chunks that accumulate keep every gradient under the next chunk's activations."""
+    model = StepModel(batch_size=8, fixed_bytes=1000, fixed_grad_bytes=300, batch_bytes=0, weight_layers=(),
+                      grad_share=0.5, fits={StepLevers().fit_key: ActivationFit((1, 2), (100, 200))},
+                      end_terms={StepLevers().fit_key: 40})
+    assert model.peak(StepLevers(), 0) == 1000 + max(40, 800 - 300)
+    assert model.peak(StepLevers(), 2000) == 3000 + max(40, 800 - 300 - 1000)  # its gradients cover the activations
+    assert model.peak(StepLevers(micro_batches=2), 2000) == 3000 + 400
 
 
 def test_activation_fit_interpolates_between_measured_sizes_and_extrapolates_beyond():

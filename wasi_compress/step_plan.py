@@ -13,17 +13,21 @@ The levers (`StepLevers`) and what each costs in error:
 - always on under a budget, since they are exact and never cost memory: LayerNorm computes its backward
   from its output (memory-sharing LayerNorm) and attention runs the fused kernel (no probabilities kept).
 
-The memory model, term by term (every term in bytes, at the run's batch B and micro-batch b = ceil(B/m)):
+The memory model, term by term (every term in bytes, at the run's batch B and micro-batch b = ceil(B/m);
+`StepModel.peak`):
 
-    peak = fixed + sum over planned layers of their weight cost + batch + activations(b)
+    m > 1:  peak = fixed + weights + batch + activations(b)
+    m = 1:  peak = fixed + weights + batch + max(end, activations(b) - gradients)
 
 ``fixed``: parameters, buffers, gradients and optimizer state of everything the planner does not size
-(derived from tensor sizes); the weight cost of a planned layer: its parameters (L and R, or the dense
-weight) times (1 + gradient + optimizer-state copies) (derived); ``batch``: the input batch (derived);
-``activations(b)``: what a step holds beyond those, measured on the real model with these levers at three
-small micro-batch sizes (the live-tensor tracker's peak minus the derived terms), interpolated between
-them and extrapolated linearly in b beyond them (`ActivationFit`). Gradients are counted whole (conservative: at the peak some may not
-exist yet).
+(derived from tensor sizes); ``weights``: each planned layer's parameters (L and R, or the dense weight)
+times (1 + gradient + optimizer-state copies) (derived); ``batch``: the input batch (derived);
+``activations(b)``: what a step holds beyond those while chunks accumulate (every gradient alive under
+the next chunk's saved tensors), measured on the real model with these forms at three small micro-batch
+sizes (the live-tensor tracker's peak of a two-chunk step minus the derived terms), interpolated between
+them and extrapolated linearly beyond (`ActivationFit`). A one-chunk step peaks either early in backward
+(saved tensors, few gradients: activations minus the gradients, which are counted in fixed and weights)
+or at its end (every gradient, transients only: ``end``, measured on a one-chunk step of one sample).
 
 The choice is exact over the candidate set: for every lever combination the planned layers' ranks are
 chosen by the exact DP planner (`wasi_compress.planner.plan_dp`, relative weight error per layer) within
@@ -43,7 +47,7 @@ from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.planner import LayerCandidates, Plan, plan_dp
 from wasi_compress.units import format_bytes
 
-__all__ = ["ACTIVATION_FORMS", "LINEAR_INPUT_FORMS", "ActivationFit", "StepLevers", "StepPlan", "plan_step"]
+__all__ = ["ACTIVATION_FORMS", "LINEAR_INPUT_FORMS", "ActivationFit", "StepLevers", "StepModel", "StepPlan", "plan_step"]
 
 ACTIVATION_FORMS = ("exact", "code8", "code2")
 # Micro-batches smaller than this are chosen only when nothing else fits: on a CPU a step of many tiny
@@ -75,9 +79,9 @@ class StepLevers:
                 raise UserError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
 
     @property
-    def fit_key(self) -> tuple[bool, str, str, bool]:
-        """What the activation term depends on: the forms, and whether gradients accumulate (m > 1)."""
-        return (self.recompute, self.activation, self.linear_inputs, self.micro_batches > 1)
+    def fit_key(self) -> tuple:
+        """What the activation term depends on: the forms (not the number of micro-batches)."""
+        return (self.recompute, self.activation, self.linear_inputs, self.layernorm, self.attention)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,9 +135,10 @@ class StepPlan:
         return {"levers": self.levers.to_dict(), "weight_ranks": self.weight_ranks, "predicted": self.predicted,
                 "error": self.error, "budget_bytes": self.user_budget_bytes or self.budget_bytes,
                 "planned_under_bytes": self.budget_bytes, "considered": self.considered,
-                "memory_model": "peak = fixed + planned weights + batch + activations(micro-batch); fixed, weights "
-                                "and batch derived from tensor sizes, activations measured at three small micro-batch "
-                                "sizes with these levers, interpolated and extrapolated linearly",
+                "memory_model": "peak = fixed + planned weights + batch + activations(micro-batch) with micro-batches, "
+                                "else + max(end of step, activations - gradients); fixed, weights and batch derived "
+                                "from tensor sizes, activations measured at three small micro-batch sizes with these "
+                                "forms (interpolated, extrapolated linearly), end of step measured",
                 "error_proxy": "sum of relative errors: weight truncation ||W - W_k||_F / ||W||_F per planned layer, "
                                "activation-code gradient error per block, Tucker weight-gradient error per layer",
                 "notes": self.notes}
@@ -143,60 +148,89 @@ def _micro_batch(batch_size: int, m: int) -> int:
     return -(-batch_size // m)
 
 
-def plan_step(*, budget_bytes: int, batch_size: int, fixed_bytes: int, batch_bytes: int,
-              weight_layers: Sequence[LayerCandidates], fits: Mapping[tuple, ActivationFit],
-              lever_errors: Mapping[tuple[str, str], float], options: Sequence[StepLevers],
-              min_micro_batch: int = MIN_MICRO_BATCH) -> StepPlan:
+@dataclass(frozen=True)
+class StepModel:
+    """The memory model's inputs (module docstring): derived terms, the planned layers' candidates, and
+    per form key (`StepLevers.fit_key`) the measured activation fit and end-of-step term."""
+
+    batch_size: int
+    fixed_bytes: int                       # everything not planned: parameters, buffers, gradients, state
+    fixed_grad_bytes: int                  # the gradients among fixed_bytes
+    batch_bytes: int                       # the input batch and labels
+    weight_layers: tuple[LayerCandidates, ...]
+    grad_share: float                      # the share of a planned candidate's cost that is its gradient
+    fits: Mapping[tuple, ActivationFit]    # activations(b) with every gradient alive (chunks accumulating)
+    end_terms: Mapping[tuple, int]         # a one-chunk step's end (gradients complete) beyond the derived terms
+
+    def activations(self, levers: StepLevers) -> int | None:
+        fit = self.fits.get(levers.fit_key)
+        return None if fit is None else fit.at(_micro_batch(self.batch_size, levers.micro_batches))
+
+    def peak(self, levers: StepLevers, weight_bytes: int) -> int | None:
+        """Predicted peak with the planned layers costing `weight_bytes`: chunks that accumulate keep every
+        gradient alive under the next chunk's activations (additive); a one-chunk step peaks either early in
+        backward (activations, few gradients) or at its end (every gradient, no activations)."""
+        acts = self.activations(levers)
+        if acts is None:
+            return None
+        base = self.fixed_bytes + weight_bytes + self.batch_bytes
+        if levers.micro_batches > 1:
+            return base + acts
+        grads = self.fixed_grad_bytes + int(self.grad_share * weight_bytes)
+        return base + max(self.end_terms.get(levers.fit_key, 0), acts - grads)
+
+
+def plan_step(model: StepModel, budget_bytes: int, *, lever_errors: Mapping[tuple[str, str], float],
+              options: Sequence[StepLevers], min_micro_batch: int = MIN_MICRO_BATCH) -> StepPlan:
     """The least-error plan whose predicted peak fits ``budget_bytes`` (see the module docstring).
 
-    ``weight_layers``: per planned layer its candidates (cost = parameter bytes x (1 + gradient + state
-    copies), error = relative weight error). ``fits``: the activation fit of each ``StepLevers.fit_key``.
-    ``lever_errors[("activation", form)]`` and ``[("linear_inputs", form)]``: the error of each form.
-    Options whose micro-batch is below ``min_micro_batch`` samples are tried only when no other fits.
-    Raises InfeasibleBudgetError naming the smallest predicted peak of any option."""
-    roomy = [o for o in options if _micro_batch(batch_size, o.micro_batches) >= min(min_micro_batch, batch_size)]
+    ``model.weight_layers``: per planned layer its candidates (cost = parameter bytes x (1 + gradient +
+    state copies), error = relative weight error). ``lever_errors[("activation", form)]`` and
+    ``[("linear_inputs", form)]``: the error of each form. Options whose micro-batch is below
+    ``min_micro_batch`` samples are tried only when no other fits. Raises InfeasibleBudgetError naming
+    the smallest predicted peak of any option."""
+    roomy = [o for o in options if _micro_batch(model.batch_size, o.micro_batches) >= min(min_micro_batch, model.batch_size)]
     if roomy and len(roomy) < len(options):
         try:
-            return _plan_among(roomy, budget_bytes, batch_size, fixed_bytes, batch_bytes, weight_layers, fits,
-                               lever_errors)
+            return _plan_among(model, roomy, budget_bytes, lever_errors)
         except InfeasibleBudgetError:
             pass
-    return _plan_among(options, budget_bytes, batch_size, fixed_bytes, batch_bytes, weight_layers, fits, lever_errors)
+    return _plan_among(model, options, budget_bytes, lever_errors)
 
 
-def _plan_among(options, budget_bytes, batch_size, fixed_bytes, batch_bytes, weight_layers, fits,
-                lever_errors) -> StepPlan:
+def _plan_among(model: StepModel, options, budget_bytes: int, lever_errors) -> StepPlan:
     best: tuple | None = None
     smallest = None
+    least_weights = sum(min(c.cost_bytes for c in layer.candidates) for layer in model.weight_layers)
     for levers in options:
-        fit = fits.get(levers.fit_key)
-        if fit is None:
+        floor = model.peak(levers, least_weights)
+        if floor is None:
             continue
-        activations = fit.at(_micro_batch(batch_size, levers.micro_batches))
-        rest = fixed_bytes + batch_bytes + activations
-        floor = rest + sum(min(c.cost_bytes for c in layer.candidates) for layer in weight_layers)
         smallest = floor if smallest is None else min(smallest, floor)
         if floor > budget_bytes:
             continue
-        weights = plan_dp(weight_layers, budget_bytes - rest) if weight_layers else None
+        # what the rest of the step takes at the smallest ranks; more rank only lowers a one-chunk step's
+        # early-backward term (its gradients grow), so the weights may take the remainder
+        weights = plan_dp(model.weight_layers, budget_bytes - (floor - least_weights)) if model.weight_layers else None
         lever_error = lever_errors.get(("activation", levers.activation), 0.0) + \
             lever_errors.get(("linear_inputs", levers.linear_inputs), 0.0)
         total = (weights.total_error if weights else 0.0) + lever_error
         key = (round(total, 12), levers.micro_batches, levers.recompute)
         if best is None or key < best[0]:
-            best = (key, levers, weights, activations, lever_error)
+            best = (key, levers, weights, lever_error)
     if best is None:
         if smallest is None:
             raise UserError("no lever combination could be measured for this model")
         raise InfeasibleBudgetError(f"memory budget {format_bytes(budget_bytes)} is infeasible: the smallest whole-step "
                                     f"peak the levers reach is predicted at {format_bytes(smallest)} ({smallest} bytes)",
                                     smallest)
-    _key, levers, weights, activations, lever_error = best
-    chosen = dict(weights.chosen(weight_layers)) if weights else {}
+    _key, levers, weights, lever_error = best
+    chosen = dict(weights.chosen(model.weight_layers)) if weights else {}
     weight_bytes = weights.total_cost_bytes if weights else 0
-    predicted = {"fixed": fixed_bytes, "weights": weight_bytes, "batch": batch_bytes, "activations": activations,
-                 "peak": fixed_bytes + weight_bytes + batch_bytes + activations,
-                 "micro_batch": _micro_batch(batch_size, levers.micro_batches)}
+    predicted = {"fixed": model.fixed_bytes, "weights": weight_bytes, "batch": model.batch_bytes,
+                 "activations": model.activations(levers), "end_of_step": model.end_terms.get(levers.fit_key),
+                 "peak": model.peak(levers, weight_bytes),
+                 "micro_batch": _micro_batch(model.batch_size, levers.micro_batches)}
     error = {"weights": weights.total_error if weights else 0.0, "levers": lever_error,
              "total": (weights.total_error if weights else 0.0) + lever_error}
     ranks = {name: cand.rank for name, cand in chosen.items()}

@@ -26,9 +26,9 @@ from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.modules.training import WASILinear
 from wasi_compress.planner import Candidate, LayerCandidates
 from wasi_compress.units import format_bytes
-from wasi_compress.step_plan import ACTIVATION_FORMS, ActivationFit, StepLevers, StepPlan, plan_step
+from wasi_compress.step_plan import ACTIVATION_FORMS, ActivationFit, StepLevers, StepModel, StepPlan, plan_step
 
-__all__ = ["PlanInputs", "apply_levers_", "changes_model", "lever_floors", "measure_plan_inputs", "memory_levers", "plan_and_check", "plan_inputs_for", "prepare_with_levers_",
+__all__ = ["PlanInputs", "apply_levers_", "changes_model", "lever_floors", "measure_plan_inputs", "memory_levers", "predict_peak", "plan_and_check", "plan_inputs_for", "prepare_with_levers_",
            "state_copies"]
 
 WEIGHT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -127,16 +127,19 @@ def _options(config, blocks_ok: bool, method: str) -> list[StepLevers]:
 
 
 def _fit_sizes(batch_size: int) -> tuple[int, ...]:
-    """Micro-batch sizes to measure at: small (cheap to run) yet spanning the sizes plans use most."""
-    return tuple(b for b in (1, 2, 4) if 2 * b <= max(batch_size, 2)) if batch_size >= 4 else (1, 2)
+    """Micro-batch sizes to measure at (two chunks of each fit in a batch of at least 4): small, so cheap to
+    run, yet spanning the sizes plans use most."""
+    return tuple(b for b in (1, 2, 4) if 2 * b <= batch_size)
 
 
-def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x: Tensor, y: Tensor, b: int) -> int:
-    """The live peak of one step with `levers` at micro-batch `b` minus the derived terms."""
+def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x: Tensor, y: Tensor, b: int,
+                     chunks: int) -> int:
+    """The live peak of one step with `levers`' forms in `chunks` chunks of `b` samples, minus the derived
+    terms (parameters, buffers, every gradient, optimizer state, the batch). Chunks that accumulate take
+    the optimizer step after backward; one chunk takes the run's own (inside backward, where it runs)."""
     from wasi_compress.finetune.step_memory import measure_step
     from wasi_compress.finetune.steps import make_run_optimizer
 
-    chunks = 2 if levers.micro_batches > 1 else 1
     with torch.random.fork_rng(devices=[]):
         twin = copy.deepcopy(prepared)
         apply_levers_(twin, levers, blocks)
@@ -146,20 +149,25 @@ def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x:
         result = measure_step(twin, optimizer, xs, ys, linears={}, micro_batches=chunks, collect=False)
         grads = sum(p.numel() * p.element_size() for p in trained)
         batch = xs.numel() * xs.element_size() + ys.numel() * ys.element_size()
-        term = result["peak_bytes"] - result["params_bytes"] - result["optimizer_bytes"] - grads - batch
-    return max(0, term)
+        return result["peak_bytes"] - result["params_bytes"] - result["optimizer_bytes"] - grads - batch
 
 
-def _fits(prepared, options, blocks, config, x, y, status) -> dict[tuple, ActivationFit]:
-    sizes = _fit_sizes(config.batch_size)
-    keys = list(dict.fromkeys(levers.fit_key for levers in options))
-    fits = {}
-    for levers in options:
-        if levers.fit_key not in fits:
-            status(f"measuring lever combination {len(fits) + 1}/{len(keys)}")
-            fits[levers.fit_key] = ActivationFit(sizes, tuple(_activation_term(prepared, levers, blocks, config, x, y, b)
-                                                              for b in sizes))
-    return fits
+def _measure_forms(prepared, options, blocks, config, x, y, status) -> tuple[dict, dict]:
+    """Per form key: the activation fit (two accumulating chunks at each fit size) and the end term (one
+    chunk of one sample, whose peak comes once every gradient exists)."""
+    keys = {levers.fit_key: levers for levers in options}
+    fits, ends = {}, {}
+    for i, (key, levers) in enumerate(keys.items()):
+        status(f"measuring lever combination {i + 1}/{len(keys)}")
+        if config.batch_size >= 4:
+            sizes = _fit_sizes(config.batch_size)
+            fits[key] = ActivationFit(sizes, tuple(max(0, _activation_term(prepared, levers, blocks, config, x, y, b, 2))
+                                                   for b in sizes))
+        else:  # too small a batch for two chunks of two: one sample, proportional beyond it
+            one = max(0, _activation_term(prepared, levers, blocks, config, x, y, 1, min(2, config.batch_size)))
+            fits[key] = ActivationFit((1, 2), (one, 2 * one))
+        ends[key] = _activation_term(prepared, levers, blocks, config, x, y, 1, 1)
+    return fits, ends
 
 
 def _weight_layers(dense: nn.Module, sites, method: str, copies: int) -> list[LayerCandidates]:
@@ -180,6 +188,18 @@ def _weight_layers(dense: nn.Module, sites, method: str, copies: int) -> list[La
             cands += [Candidate((k * (o + i) * elem + bias) * copies, e, k, f"rank {k}")
                       for k, e in zip(ranks, errors_for_ranks(spectrum, ranks))]
         layers.append(LayerCandidates(site.name, tuple(cands)))
+    return layers
+
+
+def _prepared_layers(prepared: nn.Module, sites, copies: int) -> list[LayerCandidates]:
+    """Each planned layer as it was prepared (one candidate: its parameters' bytes times the copies)."""
+    layers = []
+    for site in sites:
+        m = prepared.get_submodule(site.name)
+        size = sum(p.numel() * p.element_size() * (copies if p.requires_grad else 1) for p in m.parameters())
+        size += sum(b.numel() * b.element_size() for b in m.buffers())
+        rank = getattr(m, "rank", None)
+        layers.append(LayerCandidates(site.name, (Candidate(size, 0.0, rank, "as prepared"),)))
     return layers
 
 
@@ -204,39 +224,30 @@ def _lever_errors(dense, sites, blocks, config, x, y) -> dict[tuple[str, str], f
 class PlanInputs:
     """What `plan_step` needs, measured once per run (re-plans under another budget reuse it)."""
 
-    batch_size: int
+    model: StepModel
     options: list[StepLevers]
-    weight_layers: list[LayerCandidates]
-    fixed_bytes: int
-    batch_bytes: int
-    fits: dict[tuple, ActivationFit]
     lever_errors: dict[tuple[str, str], float]
     notes: list[str] = field(default_factory=list)
 
     def plan(self, budget_bytes: int) -> StepPlan:
-        step = plan_step(budget_bytes=budget_bytes, batch_size=self.batch_size, fixed_bytes=self.fixed_bytes,
-                         batch_bytes=self.batch_bytes, weight_layers=self.weight_layers, fits=self.fits,
-                         lever_errors=self.lever_errors, options=self.options)
+        step = plan_step(self.model, budget_bytes, lever_errors=self.lever_errors, options=self.options)
         step.notes += self.notes
         return step
 
 
-def lever_floors(inputs: "PlanInputs") -> dict[str, int]:
+def lever_floors(inputs: PlanInputs) -> dict[str, int]:
     """The smallest predicted whole-step peak (bytes) with each lever alone at its strongest, and with all of
     them together (the smallest feasible budget). Memory-sharing LayerNorm and fused attention are on in
     every row, as under a budget; rows for levers the run cannot use (micro-batching with an in-backward
     step, Tucker inputs for vanilla) are left out."""
+    model = inputs.model
     dense = sum(next((c.cost_bytes for c in layer.candidates if c.rank is None), max(c.cost_bytes for c in layer.candidates))
-                for layer in inputs.weight_layers)
-    smallest = sum(min(c.cost_bytes for c in layer.candidates) for layer in inputs.weight_layers)
+                for layer in model.weight_layers)
+    smallest = sum(min(c.cost_bytes for c in layer.candidates) for layer in model.weight_layers)
     most = max(o.micro_batches for o in inputs.options)
 
     def peak(levers: StepLevers, weights: int) -> int | None:
-        fit = inputs.fits.get(levers.fit_key)
-        if levers not in inputs.options or fit is None:
-            return None
-        b = -(-inputs.batch_size // levers.micro_batches)
-        return inputs.fixed_bytes + inputs.batch_bytes + fit.at(b) + weights
+        return model.peak(levers, weights) if levers in inputs.options else None
 
     rows = {"none (exact forms only)": peak(StepLevers(), dense),
             f"micro-batching ({most} micro-batches)": peak(StepLevers(micro_batches=most), dense),
@@ -269,27 +280,43 @@ def memory_levers(model: nn.Module, batch_size: int, input_size, device: str = "
                       "measured at three small micro-batch sizes"}
 
 
+def predict_peak(dense: nn.Module, config, levers: StepLevers, x: Tensor, y: Tensor) -> StepPlan:
+    """The memory model's prediction for one fixed step: `config`'s method at its thresholds (no planned
+    ranks) with `levers` (the forms need not be the planner's: exact LayerNorm, attention as it is).
+    Returns the plan of that one option, whose ``predicted`` holds the terms."""
+    from wasi_compress.transforms.training import prepare_training_
+
+    handle = prepare_training_(copy.deepcopy(dense), config.wasi_config(), example=x[:2])
+    inputs = measure_plan_inputs(dense, handle.model, handle, config, x, y, options=[levers], ranks="as prepared")
+    return inputs.plan(1 << 62)
+
+
 def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x: Tensor, y: Tensor,
-                        status=lambda _text: None) -> PlanInputs:
+                        status=lambda _text: None, options: list[StepLevers] | None = None,
+                        ranks: str = "planned") -> PlanInputs:
     """Measure what planning the step of `config` needs, for a model whose dense form is `dense` and whose
     `prepare_training_` form (at the configured thresholds) is `prepared`, with `handle` its handle;
     (x, y): the calibration batch; ``status(text)`` hears progress. Neither model is changed."""
     from wasi_compress.passes.training import BLOCK_ROLES
 
     blocks_ok = all(_is_module(prepared, b) for b in handle.blocks) and bool(handle.blocks)
-    options = _options(config, blocks_ok, config.method)
+    options = options if options is not None else _options(config, blocks_ok, config.method)
     changed = {layer.name for layer in handle.layers if layer.module != "dense"}
     selected = [s for s in handle.capture.sites if s.kind == "module" and s.role in BLOCK_ROLES
                 and block_in(s.name, handle.blocks) and (s.name in changed or config.method == "vanilla")]
-    copies = 1 + (0 if (config.method == "wasi" and config.update == "subspace-iteration") else 1) + state_copies(config)
+    trained_by_optimizer = not (config.method == "wasi" and config.update == "subspace-iteration")
+    copies = 1 + int(trained_by_optimizer) + state_copies(config)
     notes = [] if blocks_ok else ["per-block recomputation was not considered: the blocks are not modules of the model"]
-    return PlanInputs(
-        batch_size=config.batch_size, options=options,
-        weight_layers=_weight_layers(dense, selected, config.method, copies),
-        fixed_bytes=_fixed_bytes(prepared, {s.name for s in selected}, state_copies(config)),
+    planned = {s.name for s in selected}
+    fixed, fixed_grads = _fixed_bytes(prepared, planned, state_copies(config))
+    fits, ends = _measure_forms(prepared, options, handle.blocks, config, x, y, status)
+    model = StepModel(
+        batch_size=config.batch_size, fixed_bytes=fixed, fixed_grad_bytes=fixed_grads,
         batch_bytes=config.batch_size * (x[0].numel() * x.element_size() + y.element_size()),
-        fits=_fits(prepared, options, handle.blocks, config, x, y, status),
-        lever_errors=_lever_errors(dense, selected, handle.blocks, config, x, y), notes=notes)
+        weight_layers=tuple(_weight_layers(dense, selected, config.method, copies) if ranks == "planned"
+                            else _prepared_layers(prepared, selected, copies)),
+        grad_share=int(trained_by_optimizer) / copies, fits=fits, end_terms=ends)
+    return PlanInputs(model, options, _lever_errors(dense, selected, handle.blocks, config, x, y), notes)
 
 
 def _is_module(model: nn.Module, name: str) -> bool:
@@ -300,17 +327,20 @@ def _is_module(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _fixed_bytes(prepared: nn.Module, planned: set[str], state: int) -> int:
-    """Parameters and buffers outside the planned layers, with gradients and optimizer state of the trained ones."""
-    total = 0
+def _fixed_bytes(prepared: nn.Module, planned: set[str], state: int) -> tuple[int, int]:
+    """Parameters and buffers outside the planned layers, with gradients and optimizer state of the trained
+    ones; and the gradients alone."""
+    total = grads = 0
     for name, module in prepared.named_modules():
         if name in planned or any(name.startswith(p + ".") for p in planned):
             continue
         for p in module.parameters(recurse=False):
-            total += p.numel() * p.element_size() * ((2 + state) if p.requires_grad else 1)
+            size = p.numel() * p.element_size()
+            total += size * ((2 + state) if p.requires_grad else 1)
+            grads += size if p.requires_grad else 0
         for b in module.buffers(recurse=False):
             total += b.numel() * b.element_size()
-    return total
+    return total, grads
 
 
 def block_in(name: str, blocks: Sequence[str]) -> bool:
