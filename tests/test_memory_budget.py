@@ -210,6 +210,7 @@ def test_levers_round_trip_and_validate():
     ({"micro_batches": 2, "update": "subspace-iteration"}, "--update optimizer-step"),
     ({"memory_budget": "20MB", "micro_batches": 2, "update": "optimizer-step"}, "chooses the micro-batches"),
     ({"memory_budget": "lots"}, "--memory-budget"),
+    ({"memory_budget": "20MB", "activation_budget": "2MB"}, "--activation-budget"),
 ])
 def test_bad_memory_settings_are_refused(settings, message):
     with pytest.raises(UserError, match=message):

@@ -143,9 +143,9 @@ class FinetuneConfig:
             from wasi_compress.units import parse_bytes
 
             parse_bytes(self.memory_budget, "--memory-budget")
-            if m != 1 or self.recompute:
-                raise UserError("--memory-budget chooses the micro-batches and recomputation itself; drop "
-                                "--micro-batches and --recompute, or drop --memory-budget")
+            if m != 1 or self.recompute or self.activation_budget is not None:
+                raise UserError("--memory-budget chooses the micro-batches, recomputation and saved-input forms itself; "
+                                "drop --micro-batches, --recompute and --activation-budget, or drop --memory-budget")
         if m > 1 and self.step_in_backward is True:
             raise UserError("--micro-batches needs the gradients of every chunk before the step, so it cannot run "
                             "with --step-in-backward; drop one of them")
