@@ -303,18 +303,21 @@ def test_resume_matches_an_uninterrupted_run(spec, tmp_path, update, optimizer, 
 
 @pytest.mark.slow  # a fine-tuning run end to end
 def test_resume_state_from_before_a_new_setting_still_resumes(spec, tmp_path):
-    """A resume state written before a setting existed (here step_in_backward) counts it at its default."""
+    """A resume state written before a setting existed (here step_in_backward) counts it at its default then
+    (off); the default now (on where it can run) is another setting, so resuming needs it off."""
     out = str(tmp_path / "a.safetensors")
     kw = dict(model=spec, data="digits", method="wasi", update="factored", schedule="constant", measure_memory=False)
-    finetune(FinetuneConfig(epochs=1, output=out, **kw))
+    finetune(FinetuneConfig(epochs=1, output=out, step_in_backward=False, **kw))  # as a run before the setting
     state = torch.load(resume_path(out), weights_only=True)
     config = json.loads(state["config"])
     del config["step_in_backward"]
     state["config"] = json.dumps(config)
     torch.save(state, resume_path(out))
-    assert len(finetune(FinetuneConfig(epochs=2, output=out, resume=True, **kw)).doc["epochs"]) == 2
+    assert len(finetune(FinetuneConfig(epochs=2, output=out, resume=True, step_in_backward=False, **kw)).doc["epochs"]) == 2
     with pytest.raises(UserError, match="step_in_backward"):
         finetune(FinetuneConfig(epochs=3, output=out, resume=True, step_in_backward=True, **kw))
+    with pytest.raises(UserError, match="step_in_backward"):
+        finetune(FinetuneConfig(epochs=3, output=out, resume=True, **kw))
 
 
 def test_grad_core_path_equals_the_direct_path(monkeypatch):
@@ -359,7 +362,7 @@ def test_command_end_to_end(spec, tmp_path):
                                   "-o", str(out), "--json", str(doc_path), "--report", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     doc = json.loads(doc_path.read_text())
-    assert doc["schema"] == "wasi-compress/finetune/1" and doc["method"] == "wasi" and doc["update"] == "subspace-iteration"
+    assert doc["schema"] == "wasi-compress/finetune/1" and doc["method"] == "wasi" and doc["update"] == "optimizer-step"
     assert len(doc["epochs"]) == 1 and set(doc["epochs"][0]) >= {"loss", "accuracy"}
     assert doc["final"]["accuracy"] == doc["epochs"][-1]["accuracy"]
     keys = {"linear_layers_bytes", "saved_activation_bytes", "params_bytes", "grads_bytes", "optimizer_bytes",
@@ -414,8 +417,9 @@ def test_step_in_backward_trains_like_an_ordinary_step_and_holds_no_gradients(sp
     """The same run with each optimizer step inside backward gives the same weights, and its measured step
     keeps no gradient tensors (the vanilla baseline is still measured with an ordinary step)."""
     kw = dict(model=spec, data="digits", method="wasi", update="factored", momentum=0.9, lr=0.01, epochs=1, seed=1)
-    ordinary = finetune(FinetuneConfig(**kw))
+    ordinary = finetune(FinetuneConfig(step_in_backward=False, **kw))
     fused = finetune(FinetuneConfig(step_in_backward=True, **kw))
+    assert finetune(FinetuneConfig(**kw)).doc["memory"] == fused.doc["memory"]  # the default: inside backward
     a, b = ordinary.model.state_dict(), fused.model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert ordinary.doc["memory"]["grads_bytes"] > 0 and fused.doc["memory"]["grads_bytes"] == 0
