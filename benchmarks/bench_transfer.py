@@ -18,7 +18,7 @@ Two tasks (--task):
 
 Two settings, each run for both methods:
 - defaults: the command with no options (SGD momentum 0.9, lr 0.01, cosine, for both; WASI with the
-  optimizer-step rule, weight threshold 0.7, Tucker threshold 0.98, the step inside backward);
+  optimizer-step rule, weight threshold 0.6, Tucker threshold 0.98, the step inside backward);
 - paper: SGD without momentum, lr 0.05 (cosine); WASI with the subspace-iteration rule, weight
   threshold 0.8, activation threshold 0.95.
 Target (defaults): mean WASI accuracy at most 0.5 point below mean vanilla, linear-layer bytes at least 10x

@@ -74,7 +74,7 @@ def render(doc: dict, console) -> None:
               show_default=True, help="WASI training rule: optimizer-step: L, R stepped by the optimizer and re-orthonormalised "
                    "(momentum, AdamW, DDP); or the paper's subspace iteration inside backward (plain SGD). 'factored' is the "
                    "old name of optimizer-step.")
-@click.option("--threshold", type=float, default=0.7, show_default=True, help="Explained variance of each weight's subspace "
+@click.option("--threshold", type=float, default=0.6, show_default=True, help="Explained variance of each weight's subspace "
               "(the paper uses 0.8).")
 @click.option("--activation-threshold", type=float, default=0.98, show_default=True,
               help="Explained variance of each saved input's Tucker ranks (without --activation-budget).")

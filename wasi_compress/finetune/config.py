@@ -19,7 +19,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 # The defaults are the recipe that keeps WASI's accuracy beside vanilla's (benchmarks/bench_transfer.txt):
 # SGD with momentum 0.9 at peak lr 0.01, cosine; WASI trains L, R with the optimizer (optimizer-step) at
-# weight threshold 0.7 and Tucker threshold 0.98, its optimizer step inside backward where it can run.
+# weight threshold 0.6 and Tucker threshold 0.98, its optimizer step inside backward where it can run
+# (0.7 also kept accuracy but left the linear layers only 8.6x smaller on the harder mnist-rot transfer,
+# whose noisy inputs need higher Tucker ranks).
 # Vanilla gets the same optimizer. The paper's settings (SGD without momentum at lr 0.05, the
 # subspace-iteration rule, threshold 0.8) are an option: --momentum 0 --update subspace-iteration
 # --threshold 0.8 (lr 0.05 is the default without momentum).
@@ -35,10 +37,10 @@ class FinetuneConfig:
     data: str
     method: str = "wasi"
     update: str = "optimizer-step"
-    threshold: float = 0.7
-    # 0.95, not 0.8: on builtin:mnist-vit -> digits the relative weight-gradient error of Tucker ranks at
-    # 0.8 of the activation energy is 0.5-0.7 per layer (at 0.95: 0.2-0.4), which costs accuracy, while the
-    # compressed inputs stay small beside the weights (see the report of issue 4)
+    threshold: float = 0.6
+    # 0.98: on builtin:mnist-vit -> digits the relative weight-gradient error of Tucker ranks at 0.8 of the
+    # activation energy is 0.5-0.7 per layer (at 0.95: 0.2-0.4), which costs accuracy (0.95 left WASI 0.56
+    # points behind vanilla), while the compressed inputs stay small beside the weights
     activation_threshold: float = 0.98
     activation_budget: str | int | None = None
     epochs: int = 5

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wasi_compress.errors import InfeasibleBudgetError, UserError
@@ -150,6 +151,22 @@ def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x:
         grads = sum(p.numel() * p.element_size() for p in trained)
         batch = xs.numel() * xs.element_size() + ys.numel() * ys.element_size()
         return result["peak_bytes"] - result["params_bytes"] - result["optimizer_bytes"] - grads - batch
+
+
+def _warm_compressors(prepared: nn.Module, x: Tensor, y: Tensor) -> None:
+    """One forward and backward (no step) on the whole calibration batch, so every Tucker compressor has
+    its ranks chosen at the run's batch size, as the run's first step chooses them, and its factors: the
+    measured copies then start warm, with one power-iteration step per mode, instead of each paying the
+    first step's eigendecompositions (a 3072-wide mode takes seconds). Only the batch mode, whose size
+    differs between the measured micro-batches, starts afresh."""
+    from wasi_compress.modules.asi import TuckerCompressor
+
+    if not any(isinstance(getattr(m, "compressor", None), TuckerCompressor) for m in prepared.modules()):
+        return
+    with torch.random.fork_rng(devices=[]):
+        prepared.train()
+        F.cross_entropy(prepared(x), y).backward()
+    prepared.zero_grad(set_to_none=True)
 
 
 def _measure_forms(prepared, options, blocks, config, x, y, status) -> tuple[dict, dict]:
@@ -287,13 +304,14 @@ def predict_peak(dense: nn.Module, config, levers: StepLevers, x: Tensor, y: Ten
     from wasi_compress.transforms.training import prepare_training_
 
     handle = prepare_training_(copy.deepcopy(dense), config.wasi_config(), example=x[:2])
-    inputs = measure_plan_inputs(dense, handle.model, handle, config, x, y, options=[levers], ranks="as prepared")
+    inputs = measure_plan_inputs(dense, handle.model, handle, config, x, y, options=[levers], ranks="as prepared",
+                                 errors=False)
     return inputs.plan(1 << 62)
 
 
 def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x: Tensor, y: Tensor,
                         status=lambda _text: None, options: list[StepLevers] | None = None,
-                        ranks: str = "planned") -> PlanInputs:
+                        ranks: str = "planned", errors: bool = True) -> PlanInputs:
     """Measure what planning the step of `config` needs, for a model whose dense form is `dense` and whose
     `prepare_training_` form (at the configured thresholds) is `prepared`, with `handle` its handle;
     (x, y): the calibration batch; ``status(text)`` hears progress. Neither model is changed."""
@@ -309,6 +327,7 @@ def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x
     notes = [] if blocks_ok else ["per-block recomputation was not considered: the blocks are not modules of the model"]
     planned = {s.name for s in selected}
     fixed, fixed_grads = _fixed_bytes(prepared, planned, state_copies(config))
+    _warm_compressors(prepared, x, y)
     fits, ends = _measure_forms(prepared, options, handle.blocks, config, x, y, status)
     model = StepModel(
         batch_size=config.batch_size, fixed_bytes=fixed, fixed_grad_bytes=fixed_grads,
@@ -316,7 +335,8 @@ def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x
         weight_layers=tuple(_weight_layers(dense, selected, config.method, copies) if ranks == "planned"
                             else _prepared_layers(prepared, selected, copies)),
         grad_share=int(trained_by_optimizer) / copies, fits=fits, end_terms=ends)
-    return PlanInputs(model, options, _lever_errors(dense, selected, handle.blocks, config, x, y), notes)
+    lever_errors = _lever_errors(dense, selected, handle.blocks, config, x, y) if errors else {}
+    return PlanInputs(model, options, lever_errors, notes)
 
 
 def _is_module(model: nn.Module, name: str) -> bool:

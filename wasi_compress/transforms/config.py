@@ -156,7 +156,7 @@ class WasiConfig(TransformConfig):
 
     method: str = "wasi"
     update: str = "optimizer-step"
-    threshold: float = 0.7   # the command's defaults (wasi_compress/finetune/config.py says why)
+    threshold: float = 0.6   # the command's defaults (wasi_compress/finetune/config.py says why)
     activation_threshold: float | None = 0.98
     activation_budget: str | int | None = None
     calibration_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
