@@ -17,7 +17,7 @@ The memory model, term by term (every term in bytes, at the run's batch B and mi
 `StepModel.peak`):
 
     m > 1:  peak = fixed + weights + batch + activations(b)
-    m = 1:  peak = fixed + weights + batch + max(end, activations(b) - gradients)
+    m = 1:  peak = fixed + weights + batch + max(end, activations(b) - gradients[, activations(b) - released])
 
 ``fixed``: parameters, buffers, gradients and optimizer state of everything the planner does not size
 (derived from tensor sizes); ``weights``: each planned layer's parameters (L and R, or the dense weight)
@@ -27,7 +27,10 @@ the next chunk's saved tensors), measured on the real model with these forms at 
 sizes (the live-tensor tracker's peak of a two-chunk step minus the derived terms), interpolated between
 them and extrapolated linearly beyond (`ActivationFit`). A one-chunk step peaks either early in backward
 (saved tensors, few gradients: activations minus the gradients, which are counted in fixed and weights)
-or at its end (every gradient, transients only: ``end``, measured on a one-chunk step of one sample).
+or at its end (every gradient, transients only: ``end``, measured on a one-chunk step of one sample); with
+per-block recomputation also when backward reaches the first block (nearly every gradient alive, one
+block's activations, the inputs of every later block freed: ``released``, derived from the block input
+shapes).
 
 The choice is exact over the candidate set: for every lever combination the planned layers' ranks are
 chosen by the exact DP planner (`wasi_compress.planner.plan_dp`, relative weight error per layer) within
@@ -136,7 +139,8 @@ class StepPlan:
                 "error": self.error, "budget_bytes": self.user_budget_bytes or self.budget_bytes,
                 "planned_under_bytes": self.budget_bytes, "considered": self.considered,
                 "memory_model": "peak = fixed + planned weights + batch + activations(micro-batch) with micro-batches, "
-                                "else + max(end of step, activations - gradients); fixed, weights and batch derived "
+                                "else + max(end of step, activations - gradients, and with recomputation activations - released "
+                                "block inputs); fixed, weights and batch derived "
                                 "from tensor sizes, activations measured at three small micro-batch sizes with these "
                                 "forms (interpolated, extrapolated linearly), end of step measured",
                 "error_proxy": "sum of relative errors: weight truncation ||W - W_k||_F / ||W||_F per planned layer, "
@@ -161,6 +165,7 @@ class StepModel:
     grad_share: float                      # the share of a planned candidate's cost that is its gradient
     fits: Mapping[tuple, ActivationFit]    # activations(b) with every gradient alive (chunks accumulating)
     end_terms: Mapping[tuple, int]         # a one-chunk step's end (gradients complete) beyond the derived terms
+    released_inputs_per_sample: int = 0    # block inputs recomputation has freed when backward reaches the first block
 
     def activations(self, levers: StepLevers) -> int | None:
         fit = self.fits.get(levers.fit_key)
@@ -169,7 +174,9 @@ class StepModel:
     def peak(self, levers: StepLevers, weight_bytes: int) -> int | None:
         """Predicted peak with the planned layers costing `weight_bytes`: chunks that accumulate keep every
         gradient alive under the next chunk's activations (additive); a one-chunk step peaks either early in
-        backward (activations, few gradients) or at its end (every gradient, no activations)."""
+        backward (activations, few gradients), or, with recomputation, when backward reaches the first block
+        (nearly every gradient, one block's activations, every later block's input freed), or at its end
+        (every gradient, no activations)."""
         acts = self.activations(levers)
         if acts is None:
             return None
@@ -177,7 +184,8 @@ class StepModel:
         if levers.micro_batches > 1:
             return base + acts
         grads = self.fixed_grad_bytes + int(self.grad_share * weight_bytes)
-        return base + max(self.end_terms.get(levers.fit_key, 0), acts - grads)
+        late = acts - self.released_inputs_per_sample * _micro_batch(self.batch_size, 1) if levers.recompute else 0
+        return base + max(self.end_terms.get(levers.fit_key, 0), acts - grads, late)
 
 
 def plan_step(model: StepModel, budget_bytes: int, *, lever_errors: Mapping[tuple[str, str], float],
@@ -231,6 +239,8 @@ def _plan_among(model: StepModel, options, budget_bytes: int, lever_errors) -> S
                  "activations": model.activations(levers), "end_of_step": model.end_terms.get(levers.fit_key),
                  "peak": model.peak(levers, weight_bytes),
                  "micro_batch": _micro_batch(model.batch_size, levers.micro_batches)}
+    if levers.recompute and levers.micro_batches == 1:
+        predicted["released_inputs"] = model.released_inputs_per_sample * model.batch_size
     error = {"weights": weights.total_error if weights else 0.0, "levers": lever_error,
              "total": (weights.total_error if weights else 0.0) + lever_error}
     ranks = {name: cand.rank for name, cand in chosen.items()}

@@ -8,7 +8,7 @@ What is measured, on copies of the model (nothing here trains the run's model):
 - the Tucker form's relative weight-gradient error per layer on the calibration batch
   (`passes.training.layer_candidates`), and each activation code's relative gradient error.
 Derived: each planned layer's weight candidates from its spectrum (ranks at explained-variance
-thresholds up to break-even, and the dense layer), costed as parameters x (1 + gradient + optimizer-state
+thresholds and at fractions of min(out, in) below them, up to break-even, and the dense layer), costed as parameters x (1 + gradient + optimizer-state
 copies) and errored as the relative truncation error.
 """
 
@@ -33,6 +33,10 @@ __all__ = ["PlanInputs", "apply_levers_", "changes_model", "lever_floors", "meas
            "state_copies"]
 
 WEIGHT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# ranks below the threshold grid, as fractions of min(out, in): a flat spectrum (a model trained little,
+# or randomly initialised) puts even the 0.3 threshold at a large share of the dense bytes, and budgets
+# at 1/10 of vanilla's peak need the weights smaller than that
+RANK_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8)
 
 
 def apply_levers_(model: nn.Module, levers: StepLevers, blocks: Sequence[str]) -> list[str]:
@@ -200,7 +204,9 @@ def _weight_layers(dense: nn.Module, sites, method: str, copies: int) -> list[La
         cands = [Candidate((o * i * elem + bias) * copies, 0.0, None, "dense")]
         if method == "wasi":
             spectrum = singular_values(m.weight.detach())
-            ranks = sorted({k for k in ranks_for_thresholds(spectrum, WEIGHT_THRESHOLDS).values()
+            by_threshold = set(ranks_for_thresholds(spectrum, WEIGHT_THRESHOLDS).values())
+            below = {max(1, round(f * min(o, i))) for f in RANK_FRACTIONS}
+            ranks = sorted({k for k in by_threshold | {k for k in below if k < min(by_threshold)}
                             if k <= break_even_rank(o, i)})
             cands += [Candidate((k * (o + i) * elem + bias) * copies, e, k, f"rank {k}")
                       for k, e in zip(ranks, errors_for_ranks(spectrum, ranks))]
@@ -334,9 +340,28 @@ def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x
         batch_bytes=config.batch_size * (x[0].numel() * x.element_size() + y.element_size()),
         weight_layers=tuple(_weight_layers(dense, selected, config.method, copies) if ranks == "planned"
                             else _prepared_layers(prepared, selected, copies)),
-        grad_share=int(trained_by_optimizer) / copies, fits=fits, end_terms=ends)
+        grad_share=int(trained_by_optimizer) / copies, fits=fits, end_terms=ends,
+        released_inputs_per_sample=_released_block_inputs(prepared, handle.blocks, x) if blocks_ok else 0)
     lever_errors = _lever_errors(dense, selected, handle.blocks, config, x, y) if errors else {}
     return PlanInputs(model, options, lever_errors, notes)
+
+
+def _released_block_inputs(model: nn.Module, blocks: Sequence[str], x: Tensor) -> int:
+    """Bytes per sample of the inputs of every block but the first to run (shapes seen in one forward of
+    one sample): what per-block recomputation has freed when backward reaches the first block."""
+    sizes: list[int] = []
+    hooks = [model.get_submodule(b).register_forward_pre_hook(
+        lambda _m, args: sizes.append(sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor))))
+        for b in blocks]
+    was_training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()(x[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sum(sizes[1:])
 
 
 def _is_module(model: nn.Module, name: str) -> bool:
