@@ -185,6 +185,38 @@ def test_a_one_chunk_step_peaks_at_the_larger_of_early_backward_and_its_end():
     assert model.peak(StepLevers(micro_batches=2), 2000) == 3000 + 400
 
 
+def test_a_recomputed_one_chunk_step_peaks_when_backward_reaches_the_first_block():
+    """With recomputation, nearly every gradient is alive when backward re-runs the first block, but the
+    inputs kept for the later blocks are freed by then."""
+    fits = {StepLevers(recompute=True).fit_key: ActivationFit((1, 2), (100, 200))}
+    model = StepModel(batch_size=8, fixed_bytes=1000, fixed_grad_bytes=900, batch_bytes=0, weight_layers=(),
+                      grad_share=0.5, fits=fits, end_terms={StepLevers(recompute=True).fit_key: 40},
+                      released_inputs_per_sample=30)
+    assert model.peak(StepLevers(recompute=True), 0) == 1000 + max(40, 800 - 900, 800 - 8 * 30)
+    # accumulating chunks keep every gradient from the start: the activation term is whole
+    assert model.peak(StepLevers(micro_batches=2, recompute=True), 0) == 1000 + 400
+
+
+def test_rank_candidates_reach_below_the_threshold_grid():
+    """A flat spectrum puts the 0.3 threshold at a large rank; the planner may still go lower."""
+    from types import SimpleNamespace
+
+    from wasi_compress.finetune.memory_budget import RANK_FRACTIONS, _weight_layers
+    from wasi_compress.spectrum import ranks_for_thresholds, singular_values
+
+    dense = torch.nn.Sequential(torch.nn.Linear(128, 128))
+    torch.nn.init.orthogonal_(dense[0].weight)  # a perfectly flat spectrum: 0.3 of the energy needs 39 of 128
+    site = SimpleNamespace(name="0", out_features=128, in_features=128)
+    [layer] = _weight_layers(dense, [site], "wasi", copies=2)
+    ranks = sorted(c.rank for c in layer.candidates if c.rank is not None)
+    grid_low = min(ranks_for_thresholds(singular_values(dense[0].weight.detach()), (0.3,)).values())
+    assert ranks[0] == max(1, round(RANK_FRACTIONS[0] * 128)) < grid_low
+    costs = {c.rank: c.cost_bytes for c in layer.candidates}
+    assert costs[ranks[0]] == ranks[0] * 256 * 4 * 2 + 128 * 4 * 2
+    errors = [c.error for c in sorted((c for c in layer.candidates if c.rank), key=lambda c: c.rank)]
+    assert errors == sorted(errors, reverse=True)  # fewer ranks, more error
+
+
 def test_activation_fit_interpolates_between_measured_sizes_and_extrapolates_beyond():
     fit = ActivationFit((1, 2, 4), (100, 150, 230))
     assert [fit.at(b) for b in (1, 2, 3, 4, 8)] == [100, 150, 190, 230, 390]
