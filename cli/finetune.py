@@ -52,6 +52,7 @@ def render(doc: dict, console) -> None:
                       f"{format_bytes(plan['predicted']['peak'])}, measured {format_bytes(measured) if measured else 'n/a'}; "
                       f"{levers['micro_batches']} micro-batches, recompute {'on' if levers['recompute'] else 'off'}, "
                       f"activation {levers['activation']}, linear inputs {levers['linear_inputs']}, "
+                      f"frozen parameters {levers.get('frozen_dtype', 'float32')}, "
                       f"error proxy {plan['error']['total']:.3f}", highlight=False)
     if doc.get("step_time_median_s") is not None:
         console.print(f"median step time: {doc['step_time_median_s'] * 1000:.1f} ms")
@@ -100,6 +101,8 @@ def render(doc: dict, console) -> None:
               help="Run each batch as this many chunks whose gradients accumulate (same gradient, less memory).")
 @click.option("--recompute", is_flag=True, help="Per-block recomputation: keep each block's input, re-run it in backward.")
 @click.option("--finetune-last", type=int, default=None, help="Train only the last N blocks (and what follows them).")
+@click.option("--frozen-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Store what --finetune-last freezes in this dtype (bfloat16: half the bytes, weights rounded once).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt to the same result as an uninterrupted run.")
 @click.option("-o", "--output", default=None, help="Checkpoint (.safetensors) written after every epoch; loads as MODEL.")
@@ -109,7 +112,8 @@ def render(doc: dict, console) -> None:
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, data, method, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
-            step_in_backward, memory_budget, micro_batches, recompute, finetune_last, seed, resume, output, json_path, report_dir, device):
+            step_in_backward, memory_budget, micro_batches, recompute, finetune_last, frozen_dtype, seed, resume, output, json_path, report_dir,
+            device):
     """Fine-tune MODEL on --data in its weight subspace with compressed activations, and measure memory and
     time against ordinary fine-tuning."""
     from wasi_compress.finetune import FinetuneConfig, finetune
@@ -123,7 +127,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
         activation_threshold=activation_threshold, activation_budget=activation_budget, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
         step_in_backward=step_in_backward, memory_budget=memory_budget, micro_batches=micro_batches,
-        recompute=recompute, finetune_last=finetune_last, seed=seed, resume=resume, output=output,
+        recompute=recompute, finetune_last=finetune_last, frozen_dtype=frozen_dtype, seed=seed, resume=resume, output=output,
         json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
         trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size)
 

@@ -591,6 +591,10 @@ HOSTILE = {
     "analyze an image size of 0": (f"analyze {T} --img-size 0", ["--img-size", "not an image size"]),
     "finetune a batch size of 0": (f"finetune {T} {FT} --batch-size 0", ["batch"]),
     "finetune --finetune-last 0": (f"finetune {T} {FT} --finetune-last 0", ["--finetune-last"]),
+    "finetune --frozen-dtype with nothing frozen": (f"finetune {T} {FT} --frozen-dtype bfloat16",
+                                                    ["--frozen-dtype", "--finetune-last"]),
+    "finetune --frozen-dtype beside --memory-budget": (
+        f"finetune {T} {FT} --finetune-last 1 --frozen-dtype bfloat16 --memory-budget 1MB", ["--memory-budget"]),
     "finetune a negative number of epochs": (f"finetune {T} --data digits --epochs -1", ["epochs"]),
     "convert a rank multiple of 0": (f"convert {T} {CV} --rank-multiple 0", ["rank-multiple"]),
     "convert 0 calibration batches": (f"convert {T} {CV} --calib-batches 0", ["calib-batches"]),

@@ -10,6 +10,9 @@ The levers (`StepLevers`) and what each costs in error:
   input (``exact``); error: the code's relative gradient error, once per block.
 - ``linear_inputs``: the block linears keep their inputs exact or as Tucker forms (``tucker``, the
   method's activation threshold); error: the relative weight-gradient error of each layer, summed.
+- ``frozen_dtype``: frozen parameters that no gradient passes through (before the first trained block,
+  ``finetune_last``) kept in bfloat16 (`wasi_compress.frozen_storage`); error: their relative rounding
+  error. It changes a derived term only (half their bytes), so it needs no measurement of its own.
 - always on under a budget, since they are exact and never cost memory: LayerNorm computes its backward
   from its output (memory-sharing LayerNorm) and attention runs the fused kernel (no probabilities kept).
 
@@ -58,6 +61,7 @@ ACTIVATION_FORMS = ("exact", "code8", "code2")
 # 4.6x the time of one batch of 64), a cost the error proxy does not see.
 MIN_MICRO_BATCH = 8
 LINEAR_INPUT_FORMS = ("exact", "tucker")
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class StepLevers:
     linear_inputs: str = "exact"
     layernorm: str = "shared"
     attention: str = "fused"
+    frozen_dtype: str = "float32"
 
     def __post_init__(self):
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
@@ -77,13 +82,15 @@ class StepLevers:
         if not isinstance(self.recompute, bool):
             raise UserError(f"recompute must be true or false, got {self.recompute!r}")
         for name, options in (("activation", ACTIVATION_FORMS), ("linear_inputs", LINEAR_INPUT_FORMS),
-                              ("layernorm", ("shared", "exact")), ("attention", ("fused", "as-is"))):
+                              ("layernorm", ("shared", "exact")), ("attention", ("fused", "as-is")),
+                              ("frozen_dtype", FROZEN_DTYPES)):
             if getattr(self, name) not in options:
                 raise UserError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
 
     @property
     def fit_key(self) -> tuple:
-        """What the activation term depends on: the forms (not the number of micro-batches)."""
+        """What the activation term depends on: the forms (not the number of micro-batches, nor the frozen
+        parameters' dtype, a derived term)."""
         return (self.recompute, self.activation, self.linear_inputs, self.layernorm, self.attention)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +151,8 @@ class StepPlan:
                                 "from tensor sizes, activations measured at three small micro-batch sizes with these "
                                 "forms (interpolated, extrapolated linearly), end of step measured",
                 "error_proxy": "sum of relative errors: weight truncation ||W - W_k||_F / ||W||_F per planned layer, "
-                               "activation-code gradient error per block, Tucker weight-gradient error per layer",
+                               "activation-code gradient error per block, Tucker weight-gradient error per layer, "
+                               "relative rounding error of frozen parameters kept in bfloat16",
                 "notes": self.notes}
 
 
@@ -166,10 +174,14 @@ class StepModel:
     fits: Mapping[tuple, ActivationFit]    # activations(b) with every gradient alive (chunks accumulating)
     end_terms: Mapping[tuple, int]         # a one-chunk step's end (gradients complete) beyond the derived terms
     released_inputs_per_sample: int = 0    # block inputs recomputation has freed when backward reaches the first block
+    frozen_saving_bytes: int = 0           # what frozen parameters in bfloat16 take off fixed_bytes
 
     def activations(self, levers: StepLevers) -> int | None:
         fit = self.fits.get(levers.fit_key)
         return None if fit is None else fit.at(_micro_batch(self.batch_size, levers.micro_batches))
+
+    def frozen_saving(self, levers: StepLevers) -> int:
+        return self.frozen_saving_bytes if levers.frozen_dtype == "bfloat16" else 0
 
     def peak(self, levers: StepLevers, weight_bytes: int) -> int | None:
         """Predicted peak with the planned layers costing `weight_bytes`: chunks that accumulate keep every
@@ -180,7 +192,7 @@ class StepModel:
         acts = self.activations(levers)
         if acts is None:
             return None
-        base = self.fixed_bytes + weight_bytes + self.batch_bytes
+        base = self.fixed_bytes + weight_bytes + self.batch_bytes - self.frozen_saving(levers)
         if levers.micro_batches > 1:
             return base + acts
         grads = self.fixed_grad_bytes + int(self.grad_share * weight_bytes)
@@ -220,8 +232,8 @@ def _plan_among(model: StepModel, options, budget_bytes: int, lever_errors) -> S
         # what the rest of the step takes at the smallest ranks; more rank only lowers a one-chunk step's
         # early-backward term (its gradients grow), so the weights may take the remainder
         weights = plan_dp(model.weight_layers, budget_bytes - (floor - least_weights)) if model.weight_layers else None
-        lever_error = lever_errors.get(("activation", levers.activation), 0.0) + \
-            lever_errors.get(("linear_inputs", levers.linear_inputs), 0.0)
+        lever_error = sum(lever_errors.get((name, getattr(levers, name)), 0.0)
+                          for name in ("activation", "linear_inputs", "frozen_dtype"))
         total = (weights.total_error if weights else 0.0) + lever_error
         key = (round(total, 12), levers.micro_batches, levers.recompute)
         if best is None or key < best[0]:
@@ -235,7 +247,7 @@ def _plan_among(model: StepModel, options, budget_bytes: int, lever_errors) -> S
     _key, levers, weights, lever_error = best
     chosen = dict(weights.chosen(model.weight_layers)) if weights else {}
     weight_bytes = weights.total_cost_bytes if weights else 0
-    predicted = {"fixed": model.fixed_bytes, "weights": weight_bytes, "batch": model.batch_bytes,
+    predicted = {"fixed": model.fixed_bytes - model.frozen_saving(levers), "weights": weight_bytes, "batch": model.batch_bytes,
                  "activations": model.activations(levers), "end_of_step": model.end_terms.get(levers.fit_key),
                  "peak": model.peak(levers, weight_bytes),
                  "micro_batch": _micro_batch(model.batch_size, levers.micro_batches)}

@@ -61,6 +61,7 @@ class FinetuneConfig:
     memory_budget: str | int | None = None
     micro_batches: int = 1
     recompute: bool = False
+    frozen_dtype: str = "float32"  # bfloat16: what --finetune-last froze is stored in half the bytes
     seed: int = 0
     resume: bool = False
     output: str | None = None
@@ -141,13 +142,19 @@ class FinetuneConfig:
             raise UserError(f"--micro-batches must be an integer from 1 to --batch-size ({self.batch_size}), got {m!r}")
         if not isinstance(self.recompute, bool):
             raise UserError(f"recompute must be true or false, got {self.recompute!r}")
+        if self.frozen_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--frozen-dtype must be float32 or bfloat16, got {self.frozen_dtype!r}")
+        if self.frozen_dtype != "float32" and self.finetune_last is None:
+            raise UserError("--frozen-dtype bfloat16 stores the parameters --finetune-last freezes, and nothing is "
+                            "frozen without it: add --finetune-last N or drop --frozen-dtype")
         if self.memory_budget is not None:
             from wasi_compress.units import parse_bytes
 
             parse_bytes(self.memory_budget, "--memory-budget")
-            if m != 1 or self.recompute or self.activation_budget is not None:
-                raise UserError("--memory-budget chooses the micro-batches, recomputation and saved-input forms itself; "
-                                "drop --micro-batches, --recompute and --activation-budget, or drop --memory-budget")
+            if m != 1 or self.recompute or self.activation_budget is not None or self.frozen_dtype != "float32":
+                raise UserError("--memory-budget chooses the micro-batches, recomputation, saved-input forms and the "
+                                "frozen parameters' dtype itself; drop --micro-batches, --recompute, --activation-budget "
+                                "and --frozen-dtype, or drop --memory-budget")
         if m > 1 and self.step_in_backward is True:
             raise UserError("--micro-batches needs the gradients of every chunk before the step, so it cannot run "
                             "with --step-in-backward; drop one of them")

@@ -41,7 +41,10 @@ def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra)
     from wasi_compress.checkpoint import save_checkpoint, structure_entry
     from wasi_compress.modules.subspace import SubspaceLinear
 
+    from wasi_compress.frozen_storage import restore_frozen_dtype_
+
     export = to_inference_(copy.deepcopy(model)).eval()
+    restore_frozen_dtype_(export)  # frozen parameters kept in bfloat16 are written as float32, like the rest
     structure = []
     for site in sites:
         try:

@@ -168,7 +168,7 @@ class FinetuneRun:
 
         c = self.config
         return StepLevers(micro_batches=c.micro_batches, recompute=c.recompute, layernorm="exact", attention="as-is",
-                          linear_inputs="tucker" if c.method != "vanilla" else "exact")
+                          linear_inputs="tucker" if c.method != "vanilla" else "exact", frozen_dtype=c.frozen_dtype)
 
     def _resumed_levers(self):
         from wasi_compress.step_plan import StepLevers

@@ -39,9 +39,11 @@ WEIGHT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 RANK_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8)
 
 
-def apply_levers_(model: nn.Module, levers: StepLevers, blocks: Sequence[str]) -> list[str]:
-    """Apply the forms of `levers` to the model's blocks in place (micro-batching is the loop's).
-    Returns notes on what changed."""
+def apply_levers_(model: nn.Module, levers: StepLevers, blocks: Sequence[str], frozen: Sequence[str] = ()) -> list[str]:
+    """Apply the forms of `levers` to the model's blocks in place (micro-batching is the loop's), and the
+    frozen parameters' dtype to `frozen` (the names `prepare_training_` froze). Returns notes on what
+    changed."""
+    from wasi_compress.frozen_storage import store_frozen_in_
     from wasi_compress.passes.saved_forms import SavedFormsPass
     from wasi_compress.recompute import recompute_blocks_
 
@@ -54,12 +56,15 @@ def apply_levers_(model: nn.Module, levers: StepLevers, blocks: Sequence[str]) -
                    blocks=tuple(blocks))(model)
     if levers.recompute:
         notes.append(f"{len(recompute_blocks_(model, blocks))} blocks recompute their forward in backward")
+    if levers.frozen_dtype == "bfloat16":
+        notes.append(f"{len(store_frozen_in_(model, frozen))} frozen parameters kept in bfloat16")
     return notes
 
 
 def changes_model(levers: StepLevers) -> bool:
     """Whether `apply_levers_` would change a model (micro-batching alone is the loop's)."""
-    return levers.recompute or levers.activation != "exact" or levers.layernorm != "exact" or levers.attention != "as-is"
+    return (levers.recompute or levers.activation != "exact" or levers.layernorm != "exact" or levers.attention != "as-is"
+            or levers.frozen_dtype != "float32")
 
 
 def prepare_with_levers_(model: nn.Module, config, levers: StepLevers, *, example: Tensor, calib=None,
@@ -73,7 +78,7 @@ def prepare_with_levers_(model: nn.Module, config, levers: StepLevers, *, exampl
         wasi.activation_threshold = None
     handle = prepare_training_(model, wasi, example=example, calib=calib, weight_ranks=weight_ranks,
                                activation_ranks=activation_ranks)
-    return handle, apply_levers_(handle.model, levers, handle.blocks) if changes_model(levers) else []
+    return handle, apply_levers_(handle.model, levers, handle.blocks, handle.frozen) if changes_model(levers) else []
 
 
 def plan_inputs_for(dense: nn.Module, config, x: Tensor, y: Tensor, status=lambda _text: None) -> PlanInputs:
@@ -123,12 +128,13 @@ def state_copies(config) -> int:
     return 1 if config.effective_momentum else 0
 
 
-def _options(config, blocks_ok: bool, method: str) -> list[StepLevers]:
+def _options(config, blocks_ok: bool, method: str, frozen_saving: int = 0) -> list[StepLevers]:
     in_backward = config.in_backward or (method == "wasi" and config.update == "subspace-iteration")
     counts = [1] if in_backward else sorted({min(2 ** i, config.batch_size) for i in range(12)})
     linear = ("exact", "tucker") if method == "wasi" else (("tucker",) if method == "asi" else ("exact",))
-    return [StepLevers(m, r, a, li) for m in counts for r in ((False, True) if blocks_ok else (False,))
-            for a in ACTIVATION_FORMS for li in linear]
+    dtypes = ("float32", "bfloat16") if frozen_saving else ("float32",)
+    return [StepLevers(m, r, a, li, frozen_dtype=d) for m in counts for r in ((False, True) if blocks_ok else (False,))
+            for a in ACTIVATION_FORMS for li in linear for d in dtypes]
 
 
 def _fit_sizes(batch_size: int) -> tuple[int, ...]:
@@ -323,8 +329,11 @@ def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x
     (x, y): the calibration batch; ``status(text)`` hears progress. Neither model is changed."""
     from wasi_compress.passes.training import BLOCK_ROLES
 
+    from wasi_compress.frozen_storage import frozen_bytes, rounding_error
+
     blocks_ok = all(_is_module(prepared, b) for b in handle.blocks) and bool(handle.blocks)
-    options = options if options is not None else _options(config, blocks_ok, config.method)
+    frozen_saving = frozen_bytes(prepared, handle.frozen)
+    options = options if options is not None else _options(config, blocks_ok, config.method, frozen_saving)
     changed = {layer.name for layer in handle.layers if layer.module != "dense"}
     selected = [s for s in handle.capture.sites if s.kind == "module" and s.role in BLOCK_ROLES
                 and block_in(s.name, handle.blocks) and (s.name in changed or config.method == "vanilla")]
@@ -341,8 +350,11 @@ def measure_plan_inputs(dense: nn.Module, prepared: nn.Module, handle, config, x
         weight_layers=tuple(_weight_layers(dense, selected, config.method, copies) if ranks == "planned"
                             else _prepared_layers(prepared, selected, copies)),
         grad_share=int(trained_by_optimizer) / copies, fits=fits, end_terms=ends,
-        released_inputs_per_sample=_released_block_inputs(prepared, handle.blocks, x) if blocks_ok else 0)
+        released_inputs_per_sample=_released_block_inputs(prepared, handle.blocks, x) if blocks_ok else 0,
+        frozen_saving_bytes=frozen_saving)
     lever_errors = _lever_errors(dense, selected, handle.blocks, config, x, y) if errors else {}
+    if errors and frozen_saving:
+        lever_errors[("frozen_dtype", "bfloat16")] = rounding_error(prepared, handle.frozen)
     return PlanInputs(model, options, lever_errors, notes)
 
 
