@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,6 +45,7 @@ class LinearSite:
     output_shape: tuple[int, ...] | None = None
     node: str | None = None   # fx node name, when traced
     calls: int = 0            # times it ran in the example forward pass
+    block: str | None = None  # the transformer block it belongs to (a module qualname), None outside blocks
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Capture:
     sites: list[LinearSite]
     skipped: list[dict[str, str]] = field(default_factory=list)
     example_input: Any = None
+    structure: str = "names"  # where roles and blocks came from: "graph", "graph+names" or "names"
 
 
 class WasiTracer(fx.Tracer):
@@ -161,7 +164,91 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
         model.train(was_training)
     sites = _called_sites(module_sites, seen_functional, skipped) + functional
     sites.sort(key=lambda s: order.get(s.name, len(order)))
-    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input)
+    structure = _roles_and_blocks(gm, sites, model)
+    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input, structure)
+
+
+def _roles_and_blocks(gm: fx.GraphModule | None, sites: list[LinearSite], model: nn.Module) -> str:
+    """Each site's role and block from the graph (passes/structure.py); where the model's graph does not
+    show a linear (fx could not trace the model, or it sits inside a module fx keeps as a leaf, such as
+    timm's MobileVitBlock), from the graph of the largest traceable module holding it; from its name
+    where no graph shows it. Returns where they came from."""
+    roles: dict[str, str] = {}
+    blocks: dict[str, str] = {}
+    if gm is not None:
+        _structure_of(gm, "", sites, roles, blocks, head=True)
+    hidden = [s for s in sites if s.name not in roles and s.kind == "module"]
+    if hidden and gm is not None:
+        _structure_inside_leaves(gm, model, "", hidden, roles, blocks)
+    elif hidden:
+        for name, child in model.named_children():
+            _structure_of_parts(child, f"{name}.", hidden, roles, blocks)
+    from_names = 0
+    for site in sites:
+        if site.name in roles:
+            site.role, site.block = roles[site.name], blocks.get(site.name)
+        else:
+            from_names += 1
+            site.block = block_of(site.name) if site.role in _BLOCK_ROLES else None
+    if from_names == len(sites):
+        return "names"
+    return "graph" if not from_names else "graph+names"
+
+
+def _structure_of(gm: fx.GraphModule, prefix: str, sites: list[LinearSite], roles: dict, blocks: dict, *, head: bool) -> None:
+    from wasi_compress.passes.structure import graph_structure
+
+    by_target = {s.name: s for s in sites if s.kind == "module"}  # every call of a module
+    by_node = {s.node: s for s in sites if s.kind == "functional"} if not prefix else {}
+    linear_nodes = {}
+    for node in gm.graph.nodes:
+        site = by_target.get(prefix + str(node.target)) if node.op == "call_module" else by_node.get(node.name)
+        if site is not None:
+            linear_nodes[node] = (site.name, site.in_features, site.out_features)
+    if linear_nodes:
+        found_roles, found_blocks = graph_structure(gm, linear_nodes, head=head)
+        roles.update(found_roles)
+        blocks.update(found_blocks)
+
+
+def _structure_of_parts(module: nn.Module, prefix: str, sites: list[LinearSite], roles: dict, blocks: dict) -> None:
+    """Trace `module` (named `prefix`) for the structure of the sites inside it; where fx cannot trace
+    it, its children, one by one."""
+    inside = [s for s in sites if s.name.startswith(prefix) and s.name not in roles]
+    if not inside or is_linear_module(module):
+        return
+    try:
+        gm = trace(module)
+    except Exception:  # fx raises many error types; the children are tried next
+        for name, child in module.named_children():
+            _structure_of_parts(child, f"{prefix}{name}.", inside, roles, blocks)
+        return
+    _structure_of(gm, prefix, inside, roles, blocks, head=False)
+    _structure_inside_leaves(gm, module, prefix, inside, roles, blocks)
+
+
+def _structure_inside_leaves(gm: fx.GraphModule, module: nn.Module, prefix: str, sites: list[LinearSite],
+                             roles: dict, blocks: dict) -> None:
+    """The sites a traced graph hides inside leaf modules (called as a whole): trace those modules."""
+    hidden = [s for s in sites if s.name not in roles]
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not any(s.name.startswith(f"{prefix}{node.target}.") for s in hidden):
+            continue
+        _structure_of_parts(module.get_submodule(node.target), f"{prefix}{node.target}.", hidden, roles, blocks)
+
+
+_BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)(?=\.|$)")
+
+
+def block_of(name: str) -> str | None:
+    """The block a layer belongs to by its name (the fallback where the graph shows no structure): its
+    name up to the last ``blocks.N`` / ``layers.N`` / ``layer.N`` (``encoder.layer.N`` in HF BERT,
+    ``layers.S.blocks.B`` in Swin), or None outside the blocks."""
+    last = None
+    for m in _BLOCK.finditer(name):
+        last = m
+    return None if last is None else name[: last.end()]
 
 
 def _hidden_attention(model: nn.Module, rewrite_attention: bool) -> list[dict[str, str]]:

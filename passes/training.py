@@ -43,7 +43,7 @@ from wasi_compress.modules.asi import TuckerCompressor, compressed_bytes, mode_g
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear, canonical_update
 from wasi_compress.passes.base import PassResult, WasiPass
-from wasi_compress.passes.capture import Capture, LinearSite
+from wasi_compress.passes.capture import Capture, LinearSite, block_of
 from wasi_compress.passes.replace import ReplaceLinearsPass, site_module
 from wasi_compress.planner import Candidate, LayerCandidates, Plan, plan
 from wasi_compress.spectrum import break_even_rank, rank_for_threshold
@@ -66,18 +66,6 @@ __all__ = [
 METHODS = ("wasi", "asi", "vanilla")
 BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 CALIBRATION_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)(?=\.|$)")
-
-
-def block_of(name: str) -> str | None:
-    """The block a layer belongs to: its name up to the last ``blocks.N`` / ``layers.N`` / ``layer.N``
-    (``encoder.layer.N`` in HF BERT, ``layers.S.blocks.B`` in Swin), or None outside the blocks."""
-    last = None
-    for m in _BLOCK.finditer(name):
-        last = m
-    return None if last is None else name[: last.end()]
-
 
 @dataclass
 class TrainingLayer:
@@ -103,14 +91,14 @@ def trained_blocks(sites: Sequence[LinearSite], finetune_last: int | None) -> li
     """The blocks to train, in execution order (sites come from `capture` in execution order)."""
     blocks: list[str] = []
     for site in sites:
-        block = block_of(site.name)
+        block = site.block
         if site.role in BLOCK_ROLES and block is not None and block not in blocks:
             blocks.append(block)
     if finetune_last is None:
         return blocks
     if not blocks:
-        raise UserError("--finetune-last needs transformer blocks, but no linear sits in a block named like "
-                        "blocks.N / layers.N / encoder.layer.N")
+        raise UserError("--finetune-last needs transformer blocks, but the graph shows no attention or MLP and no "
+                        "linear sits in a block named like blocks.N / layers.N / encoder.layer.N")
     if not 1 <= finetune_last <= len(blocks):
         raise UserError(f"--finetune-last must be between 1 and {len(blocks)} (the model's blocks), got {finetune_last}")
     return blocks[-finetune_last:]
@@ -155,7 +143,7 @@ class TrainingPass(WasiPass):
         or, with ``filter_fn(module, fqn)``, those of the trained blocks it accepts."""
         out = []
         for s in self.capture.sites:
-            if block_of(s.name) not in self.blocks:
+            if s.block is None or s.block not in self.blocks:
                 continue
             if self.filter_fn is None:
                 if s.role in self.roles:
@@ -168,7 +156,7 @@ class TrainingPass(WasiPass):
         selected = {s.name for s in self.selected_sites()}
         self.layers = []
         for site in self.capture.sites:
-            block = block_of(site.name)
+            block = site.block
             trained = self.finetune_last is None or (block in self.blocks) or (block is None and site.role == "head")
             self.layers.append(TrainingLayer(site.name, site.role, block, "dense", trained,
                                              note="" if site.name in selected else "outside the trained blocks' qkv/proj/fc layers: kept dense"))
