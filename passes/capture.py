@@ -46,6 +46,8 @@ class LinearSite:
     node: str | None = None   # fx node name, when traced
     calls: int = 0            # times it ran in the example forward pass
     block: str | None = None  # the transformer block it belongs to (a module qualname), None outside blocks
+    through: str | None = None  # a function fx keeps whole that is given the module's weight and calls F.linear
+                                # on it (torchvision's shifted_window_attention): the module is never called
 
 
 @dataclass
@@ -77,10 +79,52 @@ class WasiTracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace with WasiTracer; raises whatever fx raises when it cannot."""
+    """Symbolically trace with WasiTracer; raises whatever fx raises when it cannot. Arguments of forward
+    after the first that have a plain default (None, a bool, a number, a string: EVA's ``attn_mask=None,
+    is_causal=False``) are traced at that default, not as inputs: the graph takes the model's input
+    only, as the model is called, and nothing downstream (ONNX export) sees a flag turned into a tensor."""
     tracer = WasiTracer()
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=_plain_defaults(model))
+    _drop_specialised_inputs(graph)
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def _drop_specialised_inputs(graph: fx.Graph) -> None:
+    """fx keeps a specialised argument as an input checked by asserts (``is_causal == False``); the
+    checks are for callers passing it, and the graph is called with the model's input only: drop them,
+    so an exporter never sees them."""
+    import operator
+
+    guards = {operator.eq, torch._assert, fx._symbolic_trace._assert_is_none}
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        closure, stack = [], list(ph.users)
+        while stack:
+            node = stack.pop()
+            if node not in closure:
+                closure.append(node)
+                stack.extend(node.users)
+        if closure and all(n.op == "call_function" and n.target in guards for n in closure):
+            for node in reversed(_topological(graph, closure)):
+                graph.erase_node(node)
+            graph.erase_node(ph)
+
+
+def _topological(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
+    wanted = set(nodes)
+    return [n for n in graph.nodes if n in wanted]
+
+
+def _plain_defaults(model: nn.Module) -> dict[str, Any] | None:
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    plain = {p.name: p.default for p in params[1:]
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+             and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
+    return plain or None
 
 
 def role_of(name: str) -> str:
@@ -162,8 +206,14 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
                 order, seen_functional = _run_with_hooks(model, module_sites, example)
     finally:
         model.train(was_training)
+    if gm is not None:
+        _weights_passed_to_functions(gm, module_sites)
     sites = _called_sites(module_sites, seen_functional, skipped) + functional
-    sites.sort(key=lambda s: order.get(s.name, len(order)))
+    if gm is not None:  # execution order is graph order (a site used through a function: that call's place)
+        position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+        sites.sort(key=lambda s: position.get(s.node, len(position)))
+    else:
+        sites.sort(key=lambda s: order.get(s.name, len(order)))
     structure = _roles_and_blocks(gm, sites, model)
     return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input, structure)
 
@@ -205,8 +255,14 @@ def _structure_of(gm: fx.GraphModule, prefix: str, sites: list[LinearSite], role
         site = by_target.get(prefix + str(node.target)) if node.op == "call_module" else by_node.get(node.name)
         if site is not None:
             linear_nodes[node] = (site.name, site.in_features, site.out_features)
-    if linear_nodes:
-        found_roles, found_blocks = graph_structure(gm, linear_nodes, head=head)
+    through: dict[fx.Node, list[tuple[str, str]]] = {}
+    if not prefix:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for s in sites:
+            if s.through and s.node in nodes:
+                through.setdefault(nodes[s.node], []).append((s.name, s.role))
+    if linear_nodes or through:
+        found_roles, found_blocks = graph_structure(gm, linear_nodes, head=head, through=through)
         roles.update(found_roles)
         blocks.update(found_blocks)
 
@@ -309,6 +365,24 @@ def _run_with_hooks(model, module_sites, example) -> tuple[dict[str, int], dict[
         order.setdefault(name, len(order))
     called = {name for name, site in module_sites.items() if site.calls}
     return order, {w: None for w in recorder.weights if not _inside(w.rpartition(".")[0], called)}
+
+
+def _weights_passed_to_functions(gm: fx.GraphModule, module_sites: dict[str, LinearSite]) -> None:
+    """Linear modules forward never calls but whose weight it passes to a function fx keeps whole (a
+    ``torch.fx.wrap``ped function such as torchvision's ``shifted_window_attention``, which calls
+    ``F.linear(x, qkv_weight, qkv_bias)`` inside): sites too, marked ``through`` that function. A
+    replacement module serves them through its ``weight`` (W = L R)."""
+    by_weight = {s.weight_name: s for s in module_sites.values() if s.calls == 0}
+    for node in gm.graph.nodes:
+        module = getattr(node.target, "__module__", None) or ""
+        if node.op != "call_function" or module == "torch" or module.startswith(("torch.", "_operator", "builtins")):
+            continue
+        for arg in [*node.args, *node.kwargs.values()]:
+            site = by_weight.get(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+            if site is not None:
+                site.calls += 1
+                site.node = site.node or node.name
+                site.through = getattr(node.target, "__name__", str(node.target))
 
 
 def _called_sites(module_sites, seen_functional, skipped) -> list[LinearSite]:

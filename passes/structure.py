@@ -55,12 +55,15 @@ class Core:
 
 
 def graph_structure(gm: fx.GraphModule, linear_nodes: dict[fx.Node, tuple[str, int, int]], *,
-                    head: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+                    head: bool = True, through: dict[fx.Node, list[tuple[str, str]]] | None = None,
+                    ) -> tuple[dict[str, str], dict[str, str]]:
     """Roles and blocks of the linears, read from the graph.
 
     ``linear_nodes``: each linear's node -> (site name, in_features, out_features). ``head``: whether
     the graph's output is the model's (not for the graph of a part of it). Returns (role by site name,
-    block by site name); a site the graph says nothing about is absent from both."""
+    block by site name); a site the graph says nothing about is absent from both. ``through``: a call of a
+    function fx keeps whole that is given linear weights (torchvision's ``shifted_window_attention``) ->
+    [(site name, role by name)]: an attention the graph cannot look into, at that call's place."""
     modules = dict(gm.named_modules())
     _mark_shape_nodes(gm)
     cores = _cores(gm, modules)
@@ -83,7 +86,13 @@ def graph_structure(gm: fx.GraphModule, linear_nodes: dict[fx.Node, tuple[str, i
             if fed:
                 roles[name], core_of[name] = "proj", fed[0]
     _mlp_roles(gm, linear_nodes, modules, roles)
-    return roles, _blocks([names[n] for n in linear_nodes], roles, core_of)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    placed = [(position[n], [names[n]]) for n in linear_nodes]
+    for node, members in (through or {}).items():
+        roles.update({name: role if role in ("q", "k", "v", "qkv", "proj") else "qkv" for name, role in members})
+        placed.append((position[node], [name for name, _ in members]))
+    order = [name for _, group in sorted(placed, key=lambda p: p[0]) for name in group]
+    return roles, _blocks(order, roles, core_of)
 
 
 def _mlp_roles(gm, linear_nodes, modules, roles: dict[str, str]) -> None:

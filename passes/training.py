@@ -211,6 +211,8 @@ class TrainingPass(WasiPass):
 
     def _build(self, site: LinearSite, dense: nn.Linear, model: nn.Module, layer: TrainingLayer) -> nn.Module:
         current = model.get_submodule(site.name) if site.kind == "module" else None
+        if site.through:  # its weight goes to a function that calls F.linear itself: no input to compress
+            return self._build_through(site, dense, layer)
         compressor = self._compressor(site, layer)
         if self.method == "wasi":
             kwargs = dict(update=self.update, compressor=compressor)
@@ -236,6 +238,20 @@ class TrainingPass(WasiPass):
             return dense
         layer.module = "asi"
         return ASILinear(dense.weight, dense.bias, compressor)
+
+    def _build_through(self, site: LinearSite, dense: nn.Linear, layer: TrainingLayer) -> nn.Module:
+        """A site used through its weight (LinearSite.through): WASI trains L and R through W = L R under the
+        optimizer-step rule; its input is saved by the function's own F.linear, uncompressed."""
+        rank = self._weight_rank(site, dense) if self.method == "wasi" and self.update == "optimizer-step" else None
+        if rank is None:
+            layer.module = "dense"
+            layer.note = (f"its weight is passed to {site.through}, which calls F.linear itself: kept dense "
+                          f"({'rank above break-even' if self.method == 'wasi' and self.update == 'optimizer-step' else 'only WASI with the optimizer-step rule trains such a layer in its subspace'})")
+            return dense
+        new = WASILinear.from_linear(dense, rank=rank, update="optimizer-step")
+        layer.module, layer.weight_rank = "wasi", new.rank
+        layer.note = f"its weight is passed to {site.through}, which calls F.linear itself: trained as W = L R, input not compressed"
+        return new
 
     def _weight_rank(self, site: LinearSite, dense: nn.Linear) -> int | None:
         """The WASI rank of a dense layer, or None where the factorization would not pay."""
@@ -413,7 +429,11 @@ def plan_activation_ranks(layers: Sequence[LayerCandidates], budget_bytes: int, 
 def to_inference(model: nn.Module, *, dense: bool = False) -> nn.Module:
     """Replace, in place, every WASILinear by its SubspaceLinear (``dense=True``: an nn.Linear holding
     W = L R) and every ASILinear and CompactInputLinear by an nn.Linear holding the same tensors. Each
-    new module keeps the marks of the one it replaces. Returns the model."""
+    new module keeps the marks of the one it replaces. 1x1 convolutions computed as linears for training
+    (modules/pointwise.py) become convolutions again (two 1x1 convs, a LowRankConv2d, when trained in a
+    subspace and not ``dense``). Returns the model."""
+    from wasi_compress.modules.pointwise import unwrap_pointwise_convs_
+
     for name, m in list(model.named_modules()):
         if isinstance(m, WASILinear):
             new = m.to_subspace()
@@ -425,4 +445,5 @@ def to_inference(model: nn.Module, *, dense: bool = False) -> nn.Module:
         else:
             continue
         model.set_submodule(name, copy_marks(m, new))
+    unwrap_pointwise_convs_(model)
     return model
