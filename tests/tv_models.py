@@ -5,8 +5,8 @@ import wasi_compress  # noqa: F401  (before torchvision)
 import torchvision
 
 
-def vit_b_16(num_classes: int = 1000):
-    return torchvision.models.vit_b_16(weights=None, num_classes=num_classes)
+def vit_b_16(num_classes: int = 1000, img_size: int = 224):
+    return torchvision.models.vit_b_16(weights=None, num_classes=num_classes, image_size=img_size)
 
 
 def swin_t(num_classes: int = 1000):
