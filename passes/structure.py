@@ -85,7 +85,7 @@ def graph_structure(gm: fx.GraphModule, linear_nodes: dict[fx.Node, tuple[str, i
             fed = [i for i, core in enumerate(cores) if core.out in behind]
             if fed:
                 roles[name], core_of[name] = "proj", fed[0]
-    _mlp_roles(gm, linear_nodes, modules, roles)
+    _mlp_roles(linear_nodes, modules, roles)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     placed = [(position[n], [names[n]]) for n in linear_nodes]
     for node, members in (through or {}).items():
@@ -95,12 +95,12 @@ def graph_structure(gm: fx.GraphModule, linear_nodes: dict[fx.Node, tuple[str, i
     return roles, _blocks(order, roles, core_of)
 
 
-def _mlp_roles(gm, linear_nodes, modules, roles: dict[str, str]) -> None:
+def _mlp_roles(linear_nodes, modules, roles: dict[str, str]) -> None:
     """fc1/fc2 pairs among the linears the attention pass left without a role."""
     for node, (name, fan_in, fan_out) in linear_nodes.items():
         if name in roles or fan_in < fan_out:
             continue
-        behind, feeding, activated = _walk_back_to_linears(node, linear_nodes, modules)
+        feeding, activated = _walk_back_to_linears(node, linear_nodes, modules)
         if not activated or not feeding:
             continue
         first = [n for n in feeding if linear_nodes[n][2] == fan_in and linear_nodes[n][0] not in roles]
@@ -166,9 +166,8 @@ def _walk(start: fx.Node, linear_nodes, *, forward: bool) -> set[fx.Node]:
     return seen
 
 
-def _walk_back_to_linears(start, linear_nodes, modules) -> tuple[set[fx.Node], list[fx.Node], bool]:
-    """Backward from a linear: the nodes seen, the linears reached first, and whether an activation
-    function lies between."""
+def _walk_back_to_linears(start, linear_nodes, modules) -> tuple[list[fx.Node], bool]:
+    """Backward from a linear: the linears reached first, and whether an activation function lies between."""
     seen: set[fx.Node] = set()
     feeding: list[fx.Node] = []
     activated = False
@@ -183,7 +182,7 @@ def _walk_back_to_linears(start, linear_nodes, modules) -> tuple[set[fx.Node], l
             continue
         activated = activated or _is_activation(node, modules)
         queue.extend((n, depth + 1) for n in _next(node, False))
-    return seen, feeding, activated
+    return feeding, activated
 
 
 def _next(node: fx.Node, forward: bool) -> list[fx.Node]:
