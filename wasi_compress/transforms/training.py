@@ -126,6 +126,11 @@ def prepare_training_(model: nn.Module, config: WasiConfig | None = None, *, exa
                                  activation_ranks=activation_ranks, lr=config.lr if in_backward else None,
                                  weight_decay=config.weight_decay if in_backward else 0.0,
                                  finetune_last=config.finetune_last, roles=config.roles, filter_fn=filter_fn)
+    # no layer the method could change (a plan or threshold keeping eligible layers dense is a choice, not this)
+    if config.method != "vanilla" and not config.allow_unchanged and not training_pass.selected_sites():
+        unwrap_pointwise_convs_(model)
+        raise UserError(f"method {config.method} would change nothing on this model: {_why_unchanged(cap)}; train it with "
+                        "method vanilla, or pass --allow-unchanged (allow_unchanged=True) to go on anyway")
     frozen = freeze_before(model, training_pass.blocks[0], example) if config.finetune_last is not None else []
     planned = None
     if config.activation_budget is not None and activation_ranks is None:
@@ -138,10 +143,6 @@ def prepare_training_(model: nn.Module, config: WasiConfig | None = None, *, exa
         except AttributeError:
             continue
         layer.trained = isinstance(m, WASILinear) or any(p.requires_grad for p in m.parameters())
-    if config.method != "vanilla" and not config.allow_unchanged and not any(l.module in ("wasi", "asi") for l in training_pass.layers):
-        unwrap_pointwise_convs_(model)
-        raise UserError(f"method {config.method} would change nothing on this model: {_why_unchanged(cap)}; train it with "
-                        "method vanilla, or pass --allow-unchanged (allow_unchanged=True) to go on anyway")
     handle = TrainingHandle(trained, config, training_pass.layers, frozen, training_pass.blocks, cap, planned)
     handle.pointwise_convs = pointwise
     return handle
@@ -154,10 +155,8 @@ def _block_sites(cap, config: WasiConfig) -> list:
 def _why_unchanged(cap) -> str:
     if not cap.sites:
         return "it has no linear layer (nor 1x1 convolution) that capture could find"
-    if not _block_sites(cap, WasiConfig()):
-        return (f"none of its {len(cap.sites)} linear layers sits in a transformer block (no attention or MLP in its "
-                "graph, and no block in their names)")
-    return "every selected layer was kept dense"
+    return (f"none of its {len(cap.sites)} linear layers sits in a transformer block (no attention or MLP in its "
+            "graph, and no block in their names), or none passes the filter")
 
 
 def _plan_activations(model, training_pass, config: WasiConfig, calib, loss_fn):
