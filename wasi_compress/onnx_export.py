@@ -10,14 +10,16 @@ re-initialised (seeded), exported the same way, and the document says so. The fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import shutil
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from dataclasses import dataclass
-
 from torch import nn
 
 from wasi_compress.errors import UserError
@@ -136,9 +138,24 @@ def _measure(got, expected: torch.Tensor, reinitialised: list[str]) -> Parity:
     return Parity(diff, scale, diff / scale if scale > 0 else diff, reinitialised)
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """The TorchScript exporter logs from C++ to file descriptor 1 (on a failure, the whole IR graph: its
+    switch is read wrongly, so it is always on); stdout carries results only, so fd 1 goes to /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_stdout():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
