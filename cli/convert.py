@@ -55,8 +55,8 @@ def render(doc: dict, console) -> None:
         console.print(f"checkpoint file: {doc['file_bytes']:,} bytes ({doc['file_bytes'] / doc['budget_bytes']:.2%} of the budget)",
                       highlight=False)
     if doc.get("onnx"):
-        console.print(f"ONNX: {doc['onnx']['path']}, max abs difference from torch {doc['onnx']['max_abs_diff']:.3g}",
-                      highlight=False)
+        console.print(f"ONNX: {doc['onnx']['path']}, max abs difference from torch {doc['onnx']['max_abs_diff']:.3g} "
+                      f"({doc['onnx'].get('rel_diff', float('nan')):.3g} of the output's scale)", highlight=False)
     for item in doc.get("skipped", []):
         console.print(f"[yellow]skipped[/] {item['name']}: {item['reason']}", highlight=False)
     for note in doc.get("notes", []):
@@ -80,6 +80,9 @@ def render(doc: dict, console) -> None:
               help="Evenly spaced candidate ranks per layer, from 1 to its break-even rank.")
 @click.option("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99", show_default=True,
               help="Explained-variance thresholds whose ranks are candidates (besides a grid up to break-even).")
+@click.option("--convs", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Low-rank convolutions (a rank-r kxk conv then a 1x1) as planner candidates: auto = only when the "
+                   "linears alone cannot reach the budget.")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Also export ONNX here, checked against torch.")
 @click.option("--json", "json_path", default=None, help="Write the convert/1 JSON document here ('-' for stdout).")
 @click.option("--eval", "eval_data", default=None, help="Top-1 accuracy before and after on this set's test split: mnist, digits or a folder.")
@@ -88,7 +91,7 @@ def render(doc: dict, console) -> None:
 @device_option
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, budget, output, dtype, allocator, objective,
-            calib, calib_batches, rank_multiple, rank_grid, thresholds, onnx_path, json_path, eval_data, seed,
+            calib, calib_batches, rank_multiple, rank_grid, thresholds, convs, onnx_path, json_path, eval_data, seed,
             report_dir, device):
     """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
     from wasi_compress.architectures import checkpoint_source
@@ -97,7 +100,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
     console = console_for(json_path)
     config = ConvertConfig(budget=budget, dtype=dtype, allocator=allocator, objective=objective, calib=calib,
                            calib_batches=calib_batches, rank_multiple=rank_multiple, rank_grid=rank_grid,
-                           thresholds=thresholds, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
+                           thresholds=thresholds, convs=convs, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
                            json=json_path, report=report_dir, device=device)
     from wasi_compress.convert.job import data_folders, output_paths
     from wasi_compress.outputs import check_paths

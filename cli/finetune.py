@@ -103,6 +103,8 @@ def render(doc: dict, console) -> None:
 @click.option("--finetune-last", type=int, default=None, help="Train only the last N blocks (and what follows them).")
 @click.option("--frozen-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Store what --finetune-last freezes in this dtype (bfloat16: half the bytes, weights rounded once).")
+@click.option("--allow-unchanged", is_flag=True,
+              help="Go on when --method wasi/asi would replace no layer (it then trains as vanilla); refused without it.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt to the same result as an uninterrupted run.")
 @click.option("-o", "--output", default=None, help="Checkpoint (.safetensors) written after every epoch; loads as MODEL.")
@@ -112,8 +114,8 @@ def render(doc: dict, console) -> None:
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, data, method, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
-            step_in_backward, memory_budget, micro_batches, recompute, finetune_last, frozen_dtype, seed, resume, output, json_path, report_dir,
-            device):
+            step_in_backward, memory_budget, micro_batches, recompute, finetune_last, frozen_dtype, allow_unchanged, seed, resume, output, json_path,
+            report_dir, device):
     """Fine-tune MODEL on --data in its weight subspace with compressed activations, and measure memory and
     time against ordinary fine-tuning."""
     from wasi_compress.finetune import FinetuneConfig, finetune
@@ -127,7 +129,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
         activation_threshold=activation_threshold, activation_budget=activation_budget, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
         step_in_backward=step_in_backward, memory_budget=memory_budget, micro_batches=micro_batches,
-        recompute=recompute, finetune_last=finetune_last, frozen_dtype=frozen_dtype, seed=seed, resume=resume, output=output,
+        recompute=recompute, finetune_last=finetune_last, frozen_dtype=frozen_dtype, allow_unchanged=allow_unchanged, seed=seed, resume=resume, output=output,
         json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
         trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,6 +45,9 @@ class LinearSite:
     output_shape: tuple[int, ...] | None = None
     node: str | None = None   # fx node name, when traced
     calls: int = 0            # times it ran in the example forward pass
+    block: str | None = None  # the transformer block it belongs to (a module qualname), None outside blocks
+    through: str | None = None  # a function fx keeps whole that is given the module's weight and calls F.linear
+                                # on it (torchvision's shifted_window_attention): the module is never called
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Capture:
     sites: list[LinearSite]
     skipped: list[dict[str, str]] = field(default_factory=list)
     example_input: Any = None
+    structure: str = "names"  # where roles and blocks came from: "graph", "graph+names" or "names"
 
 
 class WasiTracer(fx.Tracer):
@@ -74,10 +79,52 @@ class WasiTracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace with WasiTracer; raises whatever fx raises when it cannot."""
+    """Symbolically trace with WasiTracer; raises whatever fx raises when it cannot. Arguments of forward
+    after the first that have a plain default (None, a bool, a number, a string: EVA's ``attn_mask=None,
+    is_causal=False``) are traced at that default, not as inputs: the graph takes the model's input
+    only, as the model is called, and nothing downstream (ONNX export) sees a flag turned into a tensor."""
     tracer = WasiTracer()
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=_plain_defaults(model))
+    _drop_specialised_inputs(graph)
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def _drop_specialised_inputs(graph: fx.Graph) -> None:
+    """fx keeps a specialised argument as an input checked by asserts (``is_causal == False``); the
+    checks are for callers passing it, and the graph is called with the model's input only: drop them,
+    so an exporter never sees them."""
+    import operator
+
+    guards = {operator.eq, torch._assert, fx._symbolic_trace._assert_is_none}
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        closure, stack = [], list(ph.users)
+        while stack:
+            node = stack.pop()
+            if node not in closure:
+                closure.append(node)
+                stack.extend(node.users)
+        if closure and all(n.op == "call_function" and n.target in guards for n in closure):
+            for node in reversed(_topological(graph, closure)):
+                graph.erase_node(node)
+            graph.erase_node(ph)
+
+
+def _topological(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
+    wanted = set(nodes)
+    return [n for n in graph.nodes if n in wanted]
+
+
+def _plain_defaults(model: nn.Module) -> dict[str, Any] | None:
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    plain = {p.name: p.default for p in params[1:]
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+             and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
+    return plain or None
 
 
 def role_of(name: str) -> str:
@@ -159,9 +206,105 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
                 order, seen_functional = _run_with_hooks(model, module_sites, example)
     finally:
         model.train(was_training)
+    if gm is not None:
+        _weights_passed_to_functions(gm, module_sites)
     sites = _called_sites(module_sites, seen_functional, skipped) + functional
-    sites.sort(key=lambda s: order.get(s.name, len(order)))
-    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input)
+    if gm is not None:  # execution order is graph order (a site used through a function: that call's place)
+        position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+        sites.sort(key=lambda s: position.get(s.node, len(position)))
+    else:
+        sites.sort(key=lambda s: order.get(s.name, len(order)))
+    structure = _roles_and_blocks(gm, sites, model)
+    return Capture(model, gm, "fx" if gm is not None else "hooks", note, sites, skipped, example_input, structure)
+
+
+def _roles_and_blocks(gm: fx.GraphModule | None, sites: list[LinearSite], model: nn.Module) -> str:
+    """Each site's role and block from the graph (passes/structure.py); where the model's graph does not
+    show a linear (fx could not trace the model, or it sits inside a module fx keeps as a leaf, such as
+    timm's MobileVitBlock), from the graph of the largest traceable module holding it; from its name
+    where no graph shows it. Returns where they came from."""
+    roles: dict[str, str] = {}
+    blocks: dict[str, str] = {}
+    if gm is not None:
+        _structure_of(gm, "", sites, roles, blocks, head=True)
+    hidden = [s for s in sites if s.name not in roles and s.kind == "module"]
+    if hidden and gm is not None:
+        _structure_inside_leaves(gm, model, "", hidden, roles, blocks)
+    elif hidden:
+        for name, child in model.named_children():
+            _structure_of_parts(child, f"{name}.", hidden, roles, blocks)
+    from_names = 0
+    for site in sites:
+        if site.name in roles:
+            site.role, site.block = roles[site.name], blocks.get(site.name)
+        else:
+            from_names += 1
+            site.block = block_of(site.name) if site.role in _BLOCK_ROLES else None
+    if from_names == len(sites):
+        return "names"
+    return "graph" if not from_names else "graph+names"
+
+
+def _structure_of(gm: fx.GraphModule, prefix: str, sites: list[LinearSite], roles: dict, blocks: dict, *, head: bool) -> None:
+    from wasi_compress.passes.structure import graph_structure
+
+    by_target = {s.name: s for s in sites if s.kind == "module"}  # every call of a module
+    by_node = {s.node: s for s in sites if s.kind == "functional"} if not prefix else {}
+    linear_nodes = {}
+    for node in gm.graph.nodes:
+        site = by_target.get(prefix + str(node.target)) if node.op == "call_module" else by_node.get(node.name)
+        if site is not None:
+            linear_nodes[node] = (site.name, site.in_features, site.out_features)
+    through: dict[fx.Node, list[tuple[str, str]]] = {}
+    if not prefix:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for s in sites:
+            if s.through and s.node in nodes:
+                through.setdefault(nodes[s.node], []).append((s.name, s.role))
+    if linear_nodes or through:
+        found_roles, found_blocks = graph_structure(gm, linear_nodes, head=head, through=through)
+        roles.update(found_roles)
+        blocks.update(found_blocks)
+
+
+def _structure_of_parts(module: nn.Module, prefix: str, sites: list[LinearSite], roles: dict, blocks: dict) -> None:
+    """Trace `module` (named `prefix`) for the structure of the sites inside it; where fx cannot trace
+    it, its children, one by one."""
+    inside = [s for s in sites if s.name.startswith(prefix) and s.name not in roles]
+    if not inside or is_linear_module(module):
+        return
+    try:
+        gm = trace(module)
+    except Exception:  # fx raises many error types; the children are tried next
+        for name, child in module.named_children():
+            _structure_of_parts(child, f"{prefix}{name}.", inside, roles, blocks)
+        return
+    _structure_of(gm, prefix, inside, roles, blocks, head=False)
+    _structure_inside_leaves(gm, module, prefix, inside, roles, blocks)
+
+
+def _structure_inside_leaves(gm: fx.GraphModule, module: nn.Module, prefix: str, sites: list[LinearSite],
+                             roles: dict, blocks: dict) -> None:
+    """The sites a traced graph hides inside leaf modules (called as a whole): trace those modules."""
+    hidden = [s for s in sites if s.name not in roles]
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not any(s.name.startswith(f"{prefix}{node.target}.") for s in hidden):
+            continue
+        _structure_of_parts(module.get_submodule(node.target), f"{prefix}{node.target}.", hidden, roles, blocks)
+
+
+_BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)(?=\.|$)")
+
+
+def block_of(name: str) -> str | None:
+    """The block a layer belongs to by its name (the fallback where the graph shows no structure): its
+    name up to the last ``blocks.N`` / ``layers.N`` / ``layer.N`` (``encoder.layer.N`` in HF BERT,
+    ``layers.S.blocks.B`` in Swin), or None outside the blocks."""
+    last = None
+    for m in _BLOCK.finditer(name):
+        last = m
+    return None if last is None else name[: last.end()]
 
 
 def _hidden_attention(model: nn.Module, rewrite_attention: bool) -> list[dict[str, str]]:
@@ -222,6 +365,24 @@ def _run_with_hooks(model, module_sites, example) -> tuple[dict[str, int], dict[
         order.setdefault(name, len(order))
     called = {name for name, site in module_sites.items() if site.calls}
     return order, {w: None for w in recorder.weights if not _inside(w.rpartition(".")[0], called)}
+
+
+def _weights_passed_to_functions(gm: fx.GraphModule, module_sites: dict[str, LinearSite]) -> None:
+    """Linear modules forward never calls but whose weight it passes to a function fx keeps whole (a
+    ``torch.fx.wrap``ped function such as torchvision's ``shifted_window_attention``, which calls
+    ``F.linear(x, qkv_weight, qkv_bias)`` inside): sites too, marked ``through`` that function. A
+    replacement module serves them through its ``weight`` (W = L R)."""
+    by_weight = {s.weight_name: s for s in module_sites.values() if s.calls == 0}
+    for node in gm.graph.nodes:
+        module = getattr(node.target, "__module__", None) or ""
+        if node.op != "call_function" or module == "torch" or module.startswith(("torch.", "_operator", "builtins")):
+            continue
+        for arg in [*node.args, *node.kwargs.values()]:
+            site = by_weight.get(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+            if site is not None:
+                site.calls += 1
+                site.node = site.node or node.name
+                site.through = getattr(node.target, "__name__", str(node.target))
 
 
 def _called_sites(module_sites, seen_functional, skipped) -> list[LinearSite]:

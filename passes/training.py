@@ -43,7 +43,7 @@ from wasi_compress.modules.asi import TuckerCompressor, compressed_bytes, mode_g
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear, canonical_update
 from wasi_compress.passes.base import PassResult, WasiPass
-from wasi_compress.passes.capture import Capture, LinearSite
+from wasi_compress.passes.capture import Capture, LinearSite, block_of
 from wasi_compress.passes.replace import ReplaceLinearsPass, site_module
 from wasi_compress.planner import Candidate, LayerCandidates, Plan, plan
 from wasi_compress.spectrum import break_even_rank, rank_for_threshold
@@ -66,18 +66,6 @@ __all__ = [
 METHODS = ("wasi", "asi", "vanilla")
 BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 CALIBRATION_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)(?=\.|$)")
-
-
-def block_of(name: str) -> str | None:
-    """The block a layer belongs to: its name up to the last ``blocks.N`` / ``layers.N`` / ``layer.N``
-    (``encoder.layer.N`` in HF BERT, ``layers.S.blocks.B`` in Swin), or None outside the blocks."""
-    last = None
-    for m in _BLOCK.finditer(name):
-        last = m
-    return None if last is None else name[: last.end()]
-
 
 @dataclass
 class TrainingLayer:
@@ -103,14 +91,14 @@ def trained_blocks(sites: Sequence[LinearSite], finetune_last: int | None) -> li
     """The blocks to train, in execution order (sites come from `capture` in execution order)."""
     blocks: list[str] = []
     for site in sites:
-        block = block_of(site.name)
+        block = site.block
         if site.role in BLOCK_ROLES and block is not None and block not in blocks:
             blocks.append(block)
     if finetune_last is None:
         return blocks
     if not blocks:
-        raise UserError("--finetune-last needs transformer blocks, but no linear sits in a block named like "
-                        "blocks.N / layers.N / encoder.layer.N")
+        raise UserError("--finetune-last needs transformer blocks, but the graph shows no attention or MLP and no "
+                        "linear sits in a block named like blocks.N / layers.N / encoder.layer.N")
     if not 1 <= finetune_last <= len(blocks):
         raise UserError(f"--finetune-last must be between 1 and {len(blocks)} (the model's blocks), got {finetune_last}")
     return blocks[-finetune_last:]
@@ -155,7 +143,7 @@ class TrainingPass(WasiPass):
         or, with ``filter_fn(module, fqn)``, those of the trained blocks it accepts."""
         out = []
         for s in self.capture.sites:
-            if block_of(s.name) not in self.blocks:
+            if s.block is None or s.block not in self.blocks:
                 continue
             if self.filter_fn is None:
                 if s.role in self.roles:
@@ -168,7 +156,7 @@ class TrainingPass(WasiPass):
         selected = {s.name for s in self.selected_sites()}
         self.layers = []
         for site in self.capture.sites:
-            block = block_of(site.name)
+            block = site.block
             trained = self.finetune_last is None or (block in self.blocks) or (block is None and site.role == "head")
             self.layers.append(TrainingLayer(site.name, site.role, block, "dense", trained,
                                              note="" if site.name in selected else "outside the trained blocks' qkv/proj/fc layers: kept dense"))
@@ -223,6 +211,8 @@ class TrainingPass(WasiPass):
 
     def _build(self, site: LinearSite, dense: nn.Linear, model: nn.Module, layer: TrainingLayer) -> nn.Module:
         current = model.get_submodule(site.name) if site.kind == "module" else None
+        if site.through:  # its weight goes to a function that calls F.linear itself: no input to compress
+            return self._build_through(site, dense, layer)
         compressor = self._compressor(site, layer)
         if self.method == "wasi":
             kwargs = dict(update=self.update, compressor=compressor)
@@ -248,6 +238,20 @@ class TrainingPass(WasiPass):
             return dense
         layer.module = "asi"
         return ASILinear(dense.weight, dense.bias, compressor)
+
+    def _build_through(self, site: LinearSite, dense: nn.Linear, layer: TrainingLayer) -> nn.Module:
+        """A site used through its weight (LinearSite.through): WASI trains L and R through W = L R under the
+        optimizer-step rule; its input is saved by the function's own F.linear, uncompressed."""
+        rank = self._weight_rank(site, dense) if self.method == "wasi" and self.update == "optimizer-step" else None
+        if rank is None:
+            layer.module = "dense"
+            layer.note = (f"its weight is passed to {site.through}, which calls F.linear itself: kept dense "
+                          f"({'rank above break-even' if self.method == 'wasi' and self.update == 'optimizer-step' else 'only WASI with the optimizer-step rule trains such a layer in its subspace'})")
+            return dense
+        new = WASILinear.from_linear(dense, rank=rank, update="optimizer-step")
+        layer.module, layer.weight_rank = "wasi", new.rank
+        layer.note = f"its weight is passed to {site.through}, which calls F.linear itself: trained as W = L R, input not compressed"
+        return new
 
     def _weight_rank(self, site: LinearSite, dense: nn.Linear) -> int | None:
         """The WASI rank of a dense layer, or None where the factorization would not pay."""
@@ -425,7 +429,11 @@ def plan_activation_ranks(layers: Sequence[LayerCandidates], budget_bytes: int, 
 def to_inference(model: nn.Module, *, dense: bool = False) -> nn.Module:
     """Replace, in place, every WASILinear by its SubspaceLinear (``dense=True``: an nn.Linear holding
     W = L R) and every ASILinear and CompactInputLinear by an nn.Linear holding the same tensors. Each
-    new module keeps the marks of the one it replaces. Returns the model."""
+    new module keeps the marks of the one it replaces. 1x1 convolutions computed as linears for training
+    (modules/pointwise.py) become convolutions again (two 1x1 convs, a LowRankConv2d, when trained in a
+    subspace and not ``dense``). Returns the model."""
+    from wasi_compress.modules.pointwise import unwrap_pointwise_convs_
+
     for name, m in list(model.named_modules()):
         if isinstance(m, WASILinear):
             new = m.to_subspace()
@@ -437,4 +445,5 @@ def to_inference(model: nn.Module, *, dense: bool = False) -> nn.Module:
         else:
             continue
         model.set_submodule(name, copy_marks(m, new))
+    unwrap_pointwise_convs_(model)
     return model

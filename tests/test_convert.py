@@ -103,18 +103,19 @@ def vit():
 
 
 def test_infeasible_budget_names_the_smallest_feasible(vit, tmp_path):
-    result = _cli(VIT, "--budget", "100KB", "-o", tmp_path / "o.safetensors")
+    # linears only (--convs never): the patch embedding's convolution stays dense
+    result = _cli(VIT, "--budget", "100KB", "--convs", "never", "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 2 and result.stdout == ""
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith("error: ") and "smallest feasible budget is" in line
     smallest = int(re.search(r"smallest feasible budget is (\d+) bytes", line).group(1))
     assert _files(tmp_path) == []
     # the named budget is feasible (every linear at rank 1), one byte less is not
-    ok = convert(vit, ConvertConfig(budget=smallest))
+    ok = convert(vit, ConvertConfig(budget=smallest, convs="never"))
     assert ok.report["total_bytes"] == smallest
     assert all(layer["rank"] == 1 for layer in ok.report["layers"])
     with pytest.raises(InfeasibleBudgetError) as info:
-        convert(vit, ConvertConfig(budget=smallest - 1))
+        convert(vit, ConvertConfig(budget=smallest - 1, convs="never"))
     assert info.value.smallest_feasible_bytes == smallest
 
 

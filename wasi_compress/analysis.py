@@ -115,7 +115,7 @@ def analyze(
         "layers": layers,
         "totals": _totals(model, cap.sites, layers, total_flops, saved),
         "skipped": cap.skipped,
-        "notes": notes + _file_notes(loaded.metadata),
+        "notes": notes + _batch_norm_notes(model, batch_size) + _file_notes(loaded.metadata),
     }
     return AnalyzeReport(body, ANALYZE_SOURCES, _TRAIN_MEMORY_KINDS).to_dict()
 
@@ -216,6 +216,13 @@ def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 def _key(threshold: float) -> str:
     return repr(float(threshold)) if threshold != int(threshold) else str(threshold)
+
+
+def _batch_norm_notes(model: nn.Module, batch_size: int) -> list[str]:
+    if batch_size != 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []
+    return ["batch 1: the training step ran BatchNorm on its running statistics (in train mode it needs more "
+            "than one value per channel); it saves the same tensors either way"]
 
 
 def _file_notes(metadata: dict[str, Any]) -> list[str]:

@@ -115,8 +115,8 @@ def _timm_model(name: str, *, num_classes: int | None, img_size: int | None) -> 
 
     if not name:
         raise UserError("timm: needs a model name, e.g. timm:vit_tiny_patch16_224")
-    known = timm.list_models()
-    if name not in known:
+    if not timm.is_model(name):  # (listing every model only on a miss: it takes seconds)
+        known = timm.list_models()
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `python -c 'import timm; print(timm.list_models(\"vit*\"))'` lists names"
         raise UserError(f"unknown timm model {name!r}{hint}")

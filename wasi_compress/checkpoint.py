@@ -37,6 +37,7 @@ from wasi_compress.architectures import build_architecture, builtin_architecture
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
 from wasi_compress.inputs import data_config, example_input
+from wasi_compress.modules.lowrank_conv import LowRankConv2d, factorable_conv
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.passes.capture import LinearSite
 from wasi_compress.weights import METADATA_KEY, load_state_dict_strict, read_state_dict
@@ -45,7 +46,7 @@ FORMAT = "wasi-compress/checkpoint/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESERVED = ("format", "toolkit_version", "source", "structure", "dtype", "aliases", "explicit_attention")
 _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out_features")
-_MODULE_KINDS = {"subspace": SubspaceLinear}
+_MODULE_KINDS = {"subspace": SubspaceLinear, "lowrank_conv": LowRankConv2d}
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
 _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size",
@@ -53,7 +54,12 @@ _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_s
 
 
 def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:
-    """The structure entry of a site replaced by a SubspaceLinear."""
+    """The structure entry of a site replaced by a SubspaceLinear (or a convolution by a LowRankConv2d:
+    kind "module", in_features its unfolded patch I k k)."""
+    if isinstance(module, LowRankConv2d):
+        return {"name": site.name, "kind": "module", "module": "lowrank_conv", "rank": int(module.rank),
+                "bias": module.second.bias is not None, "in_features": int(module.in_features),
+                "out_features": int(module.out_features)}
     if not isinstance(module, SubspaceLinear):
         raise TypeError(f"{site.name}: only SubspaceLinear modules are recorded, got {type(module).__name__}")
     return {"name": site.name, "kind": site.kind, "module": "subspace", "rank": int(module.rank),
@@ -213,6 +219,32 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
     functional sites had to be rewritten, with the source model's input description copied over)."""
     from wasi_compress.passes.replace import ReplaceLinearsPass
 
+    convs = [e for e in structure if e["module"] == "lowrank_conv"]
+    structure = [e for e in structure if e["module"] != "lowrank_conv"]
+    model = _apply_linear_structure(model, structure, where, ReplaceLinearsPass)
+    for e in convs:
+        _put_lowrank_conv(model, e, where)
+    return model
+
+
+def _put_lowrank_conv(model: nn.Module, e: dict[str, Any], where: str) -> None:
+    """An empty LowRankConv2d in place of the convolution an entry names (its shape checked)."""
+    try:
+        conv = model.get_submodule(e["name"])
+    except AttributeError:
+        conv = None
+    if conv is None or not factorable_conv(conv):
+        raise UserError(f"{where}: its structure names the convolution {e['name']!r}, which the source "
+                        f"architecture {type(model).__name__} does not have as a plain nn.Conv2d")
+    if (e["in_features"], e["out_features"], e["bias"]) != (conv.weight[0].numel(), conv.out_channels, conv.bias is not None):
+        raise UserError(f"{where}: {e['name']} is {e['out_features']}x{e['in_features']} in the checkpoint but "
+                        f"{conv.out_channels}x{conv.weight[0].numel()} in the source architecture")
+    if e["rank"] > min(e["in_features"], e["out_features"]):
+        raise UserError(f"{where}: {e['name']} has rank {e['rank']}, above its full rank")
+    model.set_submodule(e["name"], LowRankConv2d.empty_like(conv, e["rank"], dtype=torch.float32))
+
+
+def _apply_linear_structure(model: nn.Module, structure: list[dict[str, Any]], where: str, ReplaceLinearsPass) -> nn.Module:
     if not structure:
         return model
     entries = {(e["kind"], e["name"]): e for e in structure}
@@ -293,9 +325,9 @@ def _check_source(source: Any, *, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: the checkpoint's source must name an architecture "
                         "(timm:<name>, builtin:<name> or package.module:factory)")
     out = {"arch": source["arch"], "num_classes": source.get("num_classes"), "img_size": source.get("img_size")}
-    for key in ("num_classes", "img_size"):
-        if out[key] is not None and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
-            raise UserError(f"{where}: the checkpoint's source {key} must be a positive integer or null, got {out[key]!r}")
+    for key, low in (("num_classes", 0), ("img_size", 1)):  # timm's num_classes=0: no classifier (EVA-02 tiny)
+        if out[key] is not None and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < low):
+            raise UserError(f"{where}: the checkpoint's source {key} must be an integer >= {low} or null, got {out[key]!r}")
     return out
 
 

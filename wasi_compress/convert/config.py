@@ -33,7 +33,7 @@ class ConvertConfig(LowRankConfig):
     json: str | None = None           # the convert/1 document ('-' for stdout)
     report: str | None = None         # folder for report.html
     device: str = "cpu"
-    onnx_tolerance: float = 1e-4
+    onnx_tolerance: float = 1e-4     # relative to the output's scale (onnx_export.py)
     opset: int = 17
 
     def label(self, name: str) -> str:

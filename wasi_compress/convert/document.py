@@ -37,6 +37,7 @@ def sources(config, elem: int) -> dict[str, Source]:
         "flops": Source.worded("measured", "measured by fvcore on one example input"),
         "pareto": Source("derived", "the planner's best total error at each budget (whole-model bytes)"),
         "onnx.max_abs_diff": Source("measured", "onnxruntime versus torch on the example input"),
+        "onnx.rel_diff": Source("measured", "max abs difference over the max abs of torch's output (the check's measure)"),
         "accuracy": Source("measured", "top-1 on the dataset's fixed test split"),
         "file_bytes": Source("measured", "size of the written checkpoint"),
     }

@@ -133,8 +133,9 @@ def _plan(work: nn.Module, config: ConvertConfig, x, calib, spec: str, progress)
         floor = exc.smallest_feasible_bytes
         raise InfeasibleBudgetError(
             f"budget {config.budget_bytes} bytes ({format_bytes(config.budget_bytes)}) is infeasible for {spec} "
-            f"in {config.dtype}: the smallest feasible budget is {floor} bytes ({format_bytes(floor)}): every linear "
-            f"at its smallest rank plus {getattr(exc, 'fixed_bytes', 0)} bytes of other parameters", floor) from None
+            f"in {config.dtype}: the smallest feasible budget is {floor} bytes ({format_bytes(floor)}): "
+            f"{getattr(exc, 'what', 'every linear')} at its smallest rank plus {getattr(exc, 'fixed_bytes', 0)} bytes of "
+            "other parameters", floor) from None
     except UserError as exc:
         if str(exc).startswith("no linear layer"):
             raise UserError(f"{spec}: {exc}") from None
@@ -172,9 +173,9 @@ def _write(result: ConvertResult, config: ConvertConfig, x, notes, progress) -> 
     with Outputs() as outputs:
         if config.onnx:
             progress(0, 1, "ONNX export and parity check")
-            diff = export_onnx(result.model, x, config.onnx, outputs, tolerance=config.onnx_tolerance,
-                               opset=config.opset, notes=notes)
-            doc["onnx"] = {"path": str(config.onnx), "max_abs_diff": diff}
+            parity = export_onnx(result.model, x, config.onnx, outputs, tolerance=config.onnx_tolerance,
+                                 opset=config.opset, notes=notes)
+            doc["onnx"] = {"path": str(config.onnx), **parity.to_dict()}
         if config.output:
             doc["file_bytes"] = outputs.stage(config.output, result.save).stat().st_size
         if config.json and config.json != "-":

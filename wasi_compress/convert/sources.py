@@ -47,18 +47,19 @@ def merge_structure(converted: nn.Module, layers, prior: list[dict]) -> list[dic
     architecture: layers converted before (a checkpoint given as MODEL) keep their entries, with their
     new rank; layers converted now get new entries."""
     from wasi_compress.checkpoint import module_location, structure_entry
+    from wasi_compress.modules.lowrank_conv import LowRankConv2d
     from wasi_compress.modules.subspace import SubspaceLinear
 
     by_location = {module_location(converted, entry): entry for entry in prior}
     structure = []
     for layer in layers:
         site = layer.site
-        location = site.name if site.kind == "module" else module_location(converted, {"kind": site.kind, "name": site.name})
+        location = site.name if site.kind in ("module", "conv") else module_location(converted, {"kind": site.kind, "name": site.name})
         try:
             module = converted.get_submodule(location)
         except AttributeError:
             continue
-        if not isinstance(module, SubspaceLinear):
+        if not isinstance(module, (SubspaceLinear, LowRankConv2d)):
             continue
         fresh = structure_entry(site, module)
         old = by_location.pop(location, None)

@@ -62,6 +62,7 @@ class FinetuneConfig:
     micro_batches: int = 1
     recompute: bool = False
     frozen_dtype: str = "float32"  # bfloat16: what --finetune-last froze is stored in half the bytes
+    allow_unchanged: bool = False  # --method wasi/asi that would replace no layer: refused unless set
     seed: int = 0
     resume: bool = False
     output: str | None = None
@@ -187,7 +188,7 @@ class FinetuneConfig:
         return WasiConfig(method=self.method, update=self.update, threshold=self.threshold,
                           activation_threshold=self.activation_threshold, activation_budget=self.activation_budget,
                           calibration_thresholds=self.calibration_thresholds, finetune_last=self.finetune_last,
-                          lr=self.effective_lr, weight_decay=self.weight_decay)
+                          lr=self.effective_lr, weight_decay=self.weight_decay, allow_unchanged=self.allow_unchanged)
 
     @property
     def effective_lr(self) -> float:

@@ -45,6 +45,9 @@ def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra)
 
     export = to_inference_(copy.deepcopy(model)).eval()
     restore_frozen_dtype_(export)  # frozen parameters kept in bfloat16 are written as float32, like the rest
+    from wasi_compress.modules.lowrank_conv import LowRankConv2d
+    from wasi_compress.passes.capture import LinearSite
+
     structure = []
     for site in sites:
         try:
@@ -53,6 +56,10 @@ def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra)
             continue
         if isinstance(m, SubspaceLinear):
             structure.append(structure_entry(site, m))
+    for name, m in export.named_modules():  # 1x1 convolutions trained in a subspace (modules/pointwise.py)
+        if isinstance(m, LowRankConv2d):
+            structure.append(structure_entry(LinearSite(name, "conv", "conv", m.in_features, m.out_features,
+                                                        m.second.bias is not None, f"{name}.weight", None), m))
     outputs.stage(path, lambda tmp: save_checkpoint(tmp, export, source=source, structure=structure, extra=extra,
                                                     dtype="float32"))
 

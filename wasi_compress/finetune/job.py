@@ -29,7 +29,7 @@ from wasi_compress.finetune.resume import (
 from wasi_compress.finetune.step_memory import measure_on_copy
 from wasi_compress.finetune.steps import after_step_fn, lr_setter, make_run_optimizer, train_step
 from wasi_compress.outputs import Outputs, lock_outputs
-from wasi_compress.passes.training import BLOCK_ROLES, block_of
+from wasi_compress.passes.training import BLOCK_ROLES
 
 
 @dataclass
@@ -210,7 +210,7 @@ class FinetuneRun:
         else:
             self.activation_plan = self.planning = None
         self.weight_ranks = {layer.name: layer.weight_rank for layer in self.layers
-                             if layer.role in BLOCK_ROLES and block_of(layer.name) in handle.blocks}
+                             if layer.role in BLOCK_ROLES and layer.block in handle.blocks}
 
     def _prepare_notes(self, handle) -> None:
         cap = handle.capture

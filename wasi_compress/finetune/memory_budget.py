@@ -401,6 +401,5 @@ def _fixed_bytes(prepared: nn.Module, planned: set[str], state: int) -> tuple[in
 
 
 def block_in(name: str, blocks: Sequence[str]) -> bool:
-    from wasi_compress.passes.training import block_of
-
-    return block_of(name) in blocks
+    """Whether module `name` lies inside one of the blocks (module qualnames; "" is the whole model)."""
+    return any(b == "" or name == b or name.startswith(b + ".") for b in blocks)

@@ -240,8 +240,10 @@ def measure_saved_activations(
     saved bytes are attributed by op family too (``per_family``)."""
     meter = SavedActivationMeter(model, linear_weights=linear_weights or {}, by_family=True)
     was_training = model.training
-    model.train()
     example = example if isinstance(example, tuple) else (example,)
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    batch_norm_in_eval_mode(model, example)
     grads_before = {id(p): p.grad for p in model.parameters()}
     for p in model.parameters():  # backward accumulates into an existing .grad in place: set it aside
         p.grad = None
@@ -254,6 +256,8 @@ def measure_saved_activations(
                 loss.backward()
     finally:
         model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         for p in model.parameters():  # leave the model as it was: no gradients left behind
             p.grad = grads_before[id(p)]
     per_linear = meter.per_linear
@@ -269,3 +273,16 @@ def default_loss(out: Any) -> Tensor:
     if isinstance(out, dict):
         return sum(default_loss(o) for o in out.values() if isinstance(o, Tensor))
     raise TypeError(f"cannot make a loss from a model output of type {type(out).__name__}")
+
+
+def batch_norm_in_eval_mode(model: nn.Module, example: tuple) -> bool:
+    """At batch 1, train-mode BatchNorm has one value per channel (LeViT's BatchNorm1d after a linear)
+    and refuses it: run BatchNorm on its running statistics then (it saves the same tensors for
+    backward). Returns whether any BatchNorm was switched."""
+    first = next((t for t in example if isinstance(t, Tensor)), None)
+    if first is None or first.dim() == 0 or first.shape[0] != 1:
+        return False
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    return bool(norms)

@@ -146,6 +146,12 @@ class SubspaceLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.R), self.L, self.bias)
 
+    @property
+    def weight(self) -> Tensor:
+        """W = L R, for code that passes the layer's weight to F.linear itself instead of calling the layer
+        (torchvision's shifted_window_attention): the factors are stored, the product is formed per call."""
+        return self.L @ self.R
+
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """The dense layer W = L R (for reverting a conversion)."""

@@ -172,6 +172,13 @@ class WASILinear(nn.Module):
         self.R.copy_(t @ self.R)
         self.L.copy_(q)
 
+    @property
+    def weight(self) -> Tensor:
+        """W = L R, for code that passes the layer's weight to F.linear itself instead of calling the layer
+        (torchvision's shifted_window_attention): gradients reach L and R through autograd, and the
+        input is saved as F.linear saves it (not compressed)."""
+        return self.L @ self.R
+
     def forward(self, x: Tensor) -> Tensor:
         if _custom_backward_path(self, x):
             if self.update == "subspace-iteration":

@@ -29,8 +29,29 @@ class SiteWeights:
     candidates: list[Candidate] = field(default_factory=list)
 
 
+def conv_sites(model: nn.Module, taken: set[str]) -> list:
+    """Every factorable convolution (modules/lowrank_conv.py) as a site: in_features is its unfolded
+    patch (I k k), out_features its output channels, role "conv"; `taken`: names already sites."""
+    from wasi_compress.modules.lowrank_conv import factorable_conv
+    from wasi_compress.passes.capture import LinearSite
+
+    from wasi_compress.modules.lowrank_conv import LowRankConv2d
+
+    factored = [name for name, m in model.named_modules() if isinstance(m, LowRankConv2d)]
+    sites = []
+    for name, m in model.named_modules():
+        if name in taken or not factorable_conv(m) or any(name.startswith(f + ".") for f in factored):
+            continue
+        sites.append(LinearSite(name=name, kind="conv", role="conv", in_features=m.weight[0].numel(),
+                                out_features=m.out_channels, bias=m.bias is not None, weight_name=f"{name}.weight",
+                                bias_name=f"{name}.bias" if m.bias is not None else None))
+    return sites
+
+
 def unsupported(model: nn.Module, site) -> str | None:
     """Why a site cannot be factored, or None."""
+    if site.kind == "conv":
+        return None
     if site.kind == "functional":
         if site.calls > 1:
             return f"F.linear on this weight runs {site.calls} times; replacing one call would break the others"
@@ -45,6 +66,9 @@ def unsupported(model: nn.Module, site) -> str | None:
 
 def site_weights(model: nn.Module, site, elem: int) -> SiteWeights:
     bias_bytes = site.out_features * elem if site.bias_name else 0
+    if site.kind == "conv":  # the unfolded weight (O, I k k)
+        weight = model.get_submodule(site.name).weight.detach()
+        return SiteWeights(site, weight.reshape(weight.shape[0], -1), bias_bytes, None)
     if site.kind == "module":
         m = model.get_submodule(site.name)
         if isinstance(m, SubspaceLinear):
@@ -85,11 +109,13 @@ def rank_candidates(layer: SiteWeights, spectrum: torch.Tensor, config, elem: in
 
 class _GramCollector(TorchFunctionMode):
     """Adds the input of every F.linear whose weight is a watched tensor to that layer's Whitening (this
-    sees nn.Linear modules, functional linears and the R factor of subspace layers alike)."""
+    sees nn.Linear modules, functional linears and the R factor of subspace layers alike), and the
+    im2col patches of every watched convolution's input to its own."""
 
-    def __init__(self, watched: dict[int, Whitening]):
+    def __init__(self, watched: dict[int, Whitening], convs: dict[int, tuple[Whitening, nn.Conv2d]] | None = None):
         super().__init__()
         self.watched = watched
+        self.convs = convs or {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -98,6 +124,14 @@ class _GramCollector(TorchFunctionMode):
             wh = self.watched.get(id(weight))
             if wh is not None:
                 wh.update(args[0] if args else kwargs["input"])
+        elif func is F.conv2d and self.convs:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            watched = self.convs.get(id(weight))
+            if watched is not None:
+                from wasi_compress.modules.lowrank_conv import conv_patches
+
+                with torch._C.DisableTorchFunction():
+                    watched[0].update(conv_patches(watched[1], args[0] if args else kwargs["input"]))
         return func(*args, **kwargs)
 
 
@@ -105,8 +139,12 @@ def whitenings_from(model: nn.Module, layers: list[SiteWeights], batches: Iterab
                     device: torch.device, progress: Progress) -> dict[str, Whitening]:
     """Second moments of every layer's inputs over the calibration batches (no_grad forward passes)."""
     whitenings = {layer.site.name: Whitening(layer.site.in_features) for layer in layers}
-    watched = {}
+    watched, convs = {}, {}
     for layer in layers:
+        if layer.site.kind == "conv":
+            m = model.get_submodule(layer.site.name)
+            convs[id(m.weight)] = (whitenings[layer.site.name], m)
+            continue
         if layer.site.kind == "module":
             m = model.get_submodule(layer.site.name)
             tensor = m.R if isinstance(m, SubspaceLinear) else m.weight
@@ -114,7 +152,7 @@ def whitenings_from(model: nn.Module, layers: list[SiteWeights], batches: Iterab
             tensor = model.get_parameter(layer.site.weight_name)
         watched[id(tensor)] = whitenings[layer.site.name]
     batches = list(batches)
-    with torch.no_grad(), _GramCollector(watched):
+    with torch.no_grad(), _GramCollector(watched, convs):
         for b, batch in enumerate(batches):
             progress(b, len(batches), f"calibrating ({len(batches)} batches)")
             model(batch.to(device))

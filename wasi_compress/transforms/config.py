@@ -22,6 +22,7 @@ ALL_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2", "head", "other")
 BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 METHODS = ("wasi", "asi", "vanilla")
 OBJECTIVES = ("weight", "data")
+CONV_CHOICES = ("auto", "always", "never")
 ALLOCATORS = ("dp", "greedy")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -103,7 +104,9 @@ class LowRankConfig(TransformConfig):
     "50MB", "12MiB"). ``objective``: "weight" (relative Frobenius error, no data) or "data" (relative
     output error on calibration inputs, which `lowrank_` then needs). ``thresholds``: explained-variance
     thresholds whose ranks are candidates, beside ``rank_grid`` ranks up to break-even, rounded up to
-    ``rank_multiple``. ``roles``: the linear roles that may change (the default filter)."""
+    ``rank_multiple``. ``roles``: the linear roles that may change (the default filter). ``convs``: whether
+plain convolutions join the planner as low-rank convolutions ("auto": only when the linears alone cannot
+reach the budget; "always"; "never")."""
 
     budget: str | int
     dtype: str = "float32"
@@ -114,6 +117,7 @@ class LowRankConfig(TransformConfig):
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     roles: tuple[str, ...] = ALL_ROLES
     seed: int = 0
+    convs: str = "auto"  # low-rank convolutions: "auto" (when linears alone cannot fit), "always", "never"
     budget_bytes: int = field(init=False, repr=False, compare=False)
     tuple_fields: ClassVar[tuple[str, ...]] = ("thresholds", "roles")
 
@@ -124,6 +128,7 @@ class LowRankConfig(TransformConfig):
         self.check_choice("dtype", DTYPE_NAMES)
         self.check_choice("allocator", ALLOCATORS)
         self.check_choice("objective", OBJECTIVES)
+        self.check_choice("convs", CONV_CHOICES)
         self.check_int("rank_multiple", 1)
         self.check_int("rank_grid", 0)
         self.check_int("seed", 0)
@@ -152,7 +157,9 @@ class WasiConfig(TransformConfig):
     ``activation_budget`` (bytes, or text such as "20MB"): plan each layer's Tucker ranks under it
     instead (exact DP over ``calibration_thresholds`` candidates on a labelled calibration batch).
     ``finetune_last``: train only the last N blocks, freeze what runs before them. ``roles``: the roles
-    that get training modules (the default filter)."""
+    that get training modules (the default filter). A model with no linear in a block whose 1x1
+    convolutions are its MLPs gets them computed as linears (modules/pointwise.py). ``allow_unchanged``:
+    a wasi or asi run that would replace no layer is refused (it would train as vanilla) unless set."""
 
     method: str = "wasi"
     update: str = "optimizer-step"
@@ -165,6 +172,7 @@ class WasiConfig(TransformConfig):
     # the subspace-iteration rule's SGD settings until an optimizer is attached (it then follows that one's)
     lr: float = 0.05
     weight_decay: float = 0.0
+    allow_unchanged: bool = False  # wasi/asi that would replace no layer: an error unless this is set
     tuple_fields: ClassVar[tuple[str, ...]] = ("roles", "calibration_thresholds")
 
     @property

@@ -1,7 +1,11 @@
 """`lowrank_`: the most faithful low-rank model that fits a byte budget (METHOD.md sections 1, 3 and 4).
 
 Budget semantics: ``config.budget`` is the total bytes of ALL parameters of the result stored in
-``config.dtype`` plus its persistent buffers. Parameters the transform does not change (embeddings,
+``config.dtype`` plus its persistent buffers. Convolutions (plain ``nn.Conv2d``, groups 1) join the
+planner as low-rank convolutions (modules/lowrank_conv.py: a rank-r k x k conv then a 1 x 1, the SVD of
+the unfolded weight, with the same error measures) with ``config.convs="always"``, or, by default
+(``"auto"``), only when the linears alone cannot reach the budget (hybrid ViTs, whose convolutions hold
+most parameters); ``"never"`` keeps them dense. Parameters the transform does not change (embeddings,
 norms, convolutions, linears that are skipped or filtered out) are paid for first; the rest goes to the
 planner, which picks one candidate per linear: a rank k (``k (in + out)`` elements plus the bias) or the
 dense layer. Every candidate's error is relative to its own layer, so errors add up on one scale:
@@ -20,8 +24,9 @@ from wasi_compress.errors import InfeasibleBudgetError, UserError
 from wasi_compress.modules.subspace import SubspaceLinear, whitened_singular_values
 from wasi_compress.planner import LayerCandidates, Plan, plan as make_plan, smallest_feasible_budget
 from wasi_compress.spectrum import singular_values
+from wasi_compress.modules.lowrank_conv import LowRankConv2d
 from wasi_compress.transforms._lowrank_candidates import (
-    Progress, SiteWeights, rank_candidates, site_weights, unsupported, whitenings_from,
+    Progress, SiteWeights, conv_sites, rank_candidates, site_weights, unsupported, whitenings_from,
 )
 from wasi_compress.transforms.config import LowRankConfig
 from wasi_compress.marks import mark_module
@@ -80,7 +85,6 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     only be rewritten in the traced graph, and then ``plan.model`` is that GraphModule."""
     from wasi_compress.checkpoint import copy_model_attributes, stored_bytes
     from wasi_compress.passes.capture import capture
-    from wasi_compress.analysis import site_parameters
     from wasi_compress.passes.replace import ReplaceLinearsPass
 
     if not isinstance(config, LowRankConfig):
@@ -91,30 +95,31 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     cap = capture(model, example)
     skipped = list(cap.skipped)
     layers = _selected(model, cap, config, filter_fn, elem, skipped)
-    site_params = {id(p) for layer in layers for p in site_parameters(model, layer.site)}
-    fixed_param = sum(p.numel() * element_bytes(p, dtype) for p in model.parameters() if id(p) not in site_params)
     buffer_bytes = stored_bytes(model, dtype) - param_bytes(model, dtype)
 
-    whitenings = {}
-    if config.objective == "data":
-        if calib is None:
-            raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
-        whitenings = whitenings_from(model, layers, calib, device, progress)
-    for i, layer in enumerate(layers):
-        progress(i, len(layers), f"spectrum of {layer.site.name}")
-        wh = whitenings.get(layer.site.name)
-        s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
-        layer.candidates = rank_candidates(layer, s, config, elem)
-    progress(len(layers), len(layers), "planning")
-
+    whitenings = _spectra(model, layers, config, calib, device, elem, progress)
     candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers]
-    fixed = fixed_param + buffer_bytes
-    floor = smallest_feasible_budget(candidates) + fixed
+    fixed = _fixed_param_bytes(model, layers, dtype) + buffer_bytes
+    floor = smallest_feasible_budget(candidates) + fixed if layers else fixed
+    if config.convs == "always" or (config.convs == "auto" and config.budget_bytes < floor):
+        convs = [site_weights(model, site, elem) for site in conv_sites(model, {layer.site.name for layer in layers})
+                 if filter_fn is None or filter_fn(model.get_submodule(site.name), site.name)]
+        whitenings.update(_spectra(model, convs, config, calib, device, elem, progress))
+        layers = layers + convs
+        candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers]
+        fixed = _fixed_param_bytes(model, layers, dtype) + buffer_bytes
+        floor = smallest_feasible_budget(candidates) + fixed if layers else fixed
+    if not layers:
+        raise UserError("no linear layer to convert" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
+    fixed_param = fixed - buffer_bytes
+    progress(len(layers), len(layers), "planning")
     if config.budget_bytes < floor:
+        what = "every linear and convolution" if any(layer.site.kind == "conv" for layer in layers) else "every linear"
         error = InfeasibleBudgetError(
             f"budget {config.budget_bytes} bytes is infeasible in {config.dtype}: the smallest feasible budget is "
-            f"{floor} bytes: every linear at its smallest rank plus {fixed} bytes of other parameters", floor)
+            f"{floor} bytes: {what} at its smallest rank plus {fixed} bytes of other parameters", floor)
         error.fixed_bytes = fixed
+        error.what = what
         raise error
     the_plan = make_plan(candidates, config.budget_bytes - fixed, config.allocator)
     chosen = the_plan.chosen(candidates)
@@ -144,9 +149,31 @@ def _selected(model, cap, config, filter_fn, elem, skipped) -> list[SiteWeights]
             skipped.append({"name": site.name, "reason": reason})
             continue
         layers.append(site_weights(model, site, elem))
-    if not layers:
-        raise UserError("no linear layer to convert" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
     return layers
+
+
+def _fixed_param_bytes(model: nn.Module, layers: list[SiteWeights], dtype: torch.dtype) -> int:
+    """Bytes of the parameters no planned layer holds (paid before the planner spends the rest)."""
+    from wasi_compress.analysis import site_parameters
+
+    site_params = {id(p) for layer in layers for p in site_parameters(model, layer.site)}
+    return sum(p.numel() * element_bytes(p, dtype) for p in model.parameters() if id(p) not in site_params)
+
+
+def _spectra(model, layers, config, calib, device, elem, progress) -> dict:
+    """Each layer's rank candidates from its spectrum (whitened with the data objective); returns the
+    whitenings (the data objective's factors need them)."""
+    whitenings = {}
+    if config.objective == "data" and layers:
+        if calib is None:
+            raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
+        whitenings = whitenings_from(model, layers, calib, device, progress)
+    for i, layer in enumerate(layers):
+        progress(i, len(layers), f"spectrum of {layer.site.name}")
+        wh = whitenings.get(layer.site.name)
+        s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
+        layer.candidates = rank_candidates(layer, s, config, elem)
+    return whitenings
 
 
 def _factor(model, cap, to_replace, ranks, whitenings, progress, replace_pass, copy_attrs) -> nn.Module:
@@ -163,7 +190,12 @@ def _factor(model, cap, to_replace, ranks, whitenings, progress, replace_pass, c
     target: nn.Module = cap.graph_module if functional else model
     if functional:
         copy_attrs(model, cap.graph_module)
-    replace_pass([layer.site for layer in to_replace], build)(target)
+    replace_pass([layer.site for layer in to_replace if layer.site.kind != "conv"], build)(target)
+    for layer in to_replace:  # convolutions are modules of the model (and of its graph): swapped in place
+        if layer.site.kind == "conv":
+            name = layer.site.name
+            new = LowRankConv2d.from_conv(target.get_submodule(name), ranks[name], whitenings.get(name))
+            target.set_submodule(name, mark_module(new, "lowrank", site=name, kind="conv", origin="conv"))
     progress(len(to_replace), len(to_replace), "factored")
     whitenings.clear()
     return target.eval()

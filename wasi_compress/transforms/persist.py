@@ -28,9 +28,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
 
     if any(isinstance(m, (WASILinear, ASILinear, CompactInputLinear)) for m in model.modules()):
         raise UserError("the model still holds training modules; call wasi_compress.to_inference_(model) before save")
+    from wasi_compress.modules.lowrank_conv import LowRankConv2d
+
     structure = []
     for name, m in model.named_modules():
-        if isinstance(m, SubspaceLinear):
+        if isinstance(m, LowRankConv2d):
+            mark = site_of(m) or {"site": name}
+            structure.append({"name": mark["site"], "kind": "module", "module": "lowrank_conv", "rank": int(m.rank),
+                              "bias": m.second.bias is not None, "in_features": int(m.in_features),
+                              "out_features": int(m.out_features)})
+        elif isinstance(m, SubspaceLinear):
             mark = site_of(m) or {"site": name, "kind": "module"}
             structure.append({"name": mark["site"], "kind": mark["kind"], "module": "subspace",
                               "rank": int(m.rank), "bias": m.bias is not None, "in_features": int(m.in_features),

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from wasi_compress.errors import UserError
+from wasi_compress.modules.pointwise import unwrap_pointwise_convs_, wrap_pointwise_convs_
 from wasi_compress.modules.training import WASILinear
 from wasi_compress.passes.training import to_inference
 from wasi_compress.transforms.config import WasiConfig
@@ -41,6 +43,7 @@ class TrainingHandle:
     blocks: list[str] = field(default_factory=list)
     capture: Any = None
     activation_plan: Any = None     # the ActivationPlan when config.activation_budget was planned
+    pointwise_convs: list[str] = field(default_factory=list)  # 1x1 convs computed as linears to be trained
     _hooks: list[Any] = field(default_factory=list, repr=False)
 
     def _wasi(self, update: str) -> list[WASILinear]:
@@ -111,12 +114,23 @@ def prepare_training_(model: nn.Module, config: WasiConfig | None = None, *, exa
     if not isinstance(config, WasiConfig):
         raise TypeError(f"config must be a WasiConfig, got {type(config).__name__}")
     cap = capture(model, example)
+    pointwise: list[str] = []
+    if config.method != "vanilla" and filter_fn is None and not _block_sites(cap, config):
+        # no linear in a block: the model writes its MLPs (and q/k/v) as 1x1 convolutions (visformer, FastViT)
+        pointwise = wrap_pointwise_convs_(model)
+        if pointwise:
+            cap = capture(model, example)
     in_backward = config.update == "subspace-iteration"
     training_pass = TrainingPass(cap, method=config.method, update=config.update, threshold=config.threshold,
                                  activation_threshold=config.activation_threshold, weight_ranks=weight_ranks,
                                  activation_ranks=activation_ranks, lr=config.lr if in_backward else None,
                                  weight_decay=config.weight_decay if in_backward else 0.0,
                                  finetune_last=config.finetune_last, roles=config.roles, filter_fn=filter_fn)
+    # no layer the method could change (a plan or threshold keeping eligible layers dense is a choice, not this)
+    if config.method != "vanilla" and not config.allow_unchanged and not training_pass.selected_sites():
+        unwrap_pointwise_convs_(model)
+        raise UserError(f"method {config.method} would change nothing on this model: {_why_unchanged(cap)}; train it with "
+                        "method vanilla, or pass --allow-unchanged (allow_unchanged=True) to go on anyway")
     frozen = freeze_before(model, training_pass.blocks[0], example) if config.finetune_last is not None else []
     planned = None
     if config.activation_budget is not None and activation_ranks is None:
@@ -129,7 +143,20 @@ def prepare_training_(model: nn.Module, config: WasiConfig | None = None, *, exa
         except AttributeError:
             continue
         layer.trained = isinstance(m, WASILinear) or any(p.requires_grad for p in m.parameters())
-    return TrainingHandle(trained, config, training_pass.layers, frozen, training_pass.blocks, cap, planned)
+    handle = TrainingHandle(trained, config, training_pass.layers, frozen, training_pass.blocks, cap, planned)
+    handle.pointwise_convs = pointwise
+    return handle
+
+
+def _block_sites(cap, config: WasiConfig) -> list:
+    return [s for s in cap.sites if s.block is not None and s.role in config.roles]
+
+
+def _why_unchanged(cap) -> str:
+    if not cap.sites:
+        return "it has no linear layer (nor 1x1 convolution) that capture could find"
+    return (f"none of its {len(cap.sites)} linear layers sits in a transformer block (no attention or MLP in its "
+            "graph, and no block in their names), or none passes the filter")
 
 
 def _plan_activations(model, training_pass, config: WasiConfig, calib, loss_fn):
