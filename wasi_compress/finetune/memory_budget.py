@@ -156,7 +156,8 @@ def _activation_term(prepared: nn.Module, levers: StepLevers, blocks, config, x:
         apply_levers_(twin, levers, blocks)
         trained = [p for p in twin.parameters() if p.requires_grad]
         optimizer = make_run_optimizer(trained, config, ordinary=chunks > 1)
-        xs, ys = x[:chunks * b], y[:chunks * b]
+        # copies, not slices: the live-tensor tracker counts a slice's whole storage (the full batch)
+        xs, ys = x[:chunks * b].clone(), y[:chunks * b].clone()
         result = measure_step(twin, optimizer, xs, ys, linears={}, micro_batches=chunks, collect=False)
         grads = sum(p.numel() * p.element_size() for p in trained)
         batch = xs.numel() * xs.element_size() + ys.numel() * ys.element_size()
