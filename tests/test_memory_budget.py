@@ -289,10 +289,10 @@ def test_exact_levers_under_a_budget_train_as_vanilla_does(tiny):
 def test_finetune_memory_budget_infeasible_is_exit_2_with_the_smallest(cli, tmp_path):
     out = tmp_path / "m.safetensors"
     result = cli("finetune", "vit_models:tiny_timm_vit", "--data", "digits", "--update", "optimizer-step",
-                 "--epochs", "1", "--memory-budget", "100KB", "-o", out)
+                 "--epochs", "1", "--memory-budget", "20KB", "-o", out)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --memory-budget 100KB is infeasible"), lines
+    assert len(lines) == 1 and lines[0].startswith("error: --memory-budget 20KB is infeasible"), lines
     assert "smallest feasible budget is" in lines[0] and "Traceback" not in result.output
     assert not out.exists()
     smallest = int(lines[0].split("(")[1].split(" bytes")[0])

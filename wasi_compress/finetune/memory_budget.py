@@ -99,16 +99,23 @@ def plan_and_check(inputs: PlanInputs, budget: int, measure_peak, label: str | N
     anything)``): over the budget, plan again under a target lowered by the overshoot (at most 4 plans).
     Returns (plan, what measure_peak returned with it). ``label`` names the budget in errors."""
     label = label or f"memory budget {format_bytes(budget)}"
-    target, replaced = int(budget * (1 - PLAN_MARGIN)), []
+    # rounded up: the smallest feasible budget named below, less the margin, must plan again
+    target, replaced, under = math.ceil(budget * (1 - PLAN_MARGIN)), [], 1.0
     for _attempt in range(4):
         try:
             step = inputs.plan(target)
         except InfeasibleBudgetError as exc:
-            smallest = math.ceil(exc.smallest_feasible_bytes / (1 - PLAN_MARGIN))
+            # the budget named must hold the smallest plan as measured, not only as predicted: measure it
+            # (unless a plan already measured over its prediction), and scale by how far it was over
+            if under == 1.0:
+                least = inputs.plan(exc.smallest_feasible_bytes)
+                under = max(1.0, measure_peak(least)[0] / least.predicted_peak_bytes)
+            smallest = math.ceil(exc.smallest_feasible_bytes * under / (1 - PLAN_MARGIN))
+            basis = (f"the smallest plan's measured peak, x{under:.3f} its prediction" if under > 1 else
+                     "the levers' smallest predicted peak, whose measured step fits")
             raise InfeasibleBudgetError(
                 f"{label} is infeasible for this step: the smallest feasible budget is "
-                f"{format_bytes(smallest)} ({smallest} bytes; the levers' smallest predicted peak plus a "
-                f"{PLAN_MARGIN:.0%} margin)", smallest) from None
+                f"{format_bytes(smallest)} ({smallest} bytes; {basis}, plus a {PLAN_MARGIN:.0%} margin)", smallest) from None
         peak, measured = measure_peak(step)
         if peak <= budget:
             step.notes += replaced
@@ -116,6 +123,7 @@ def plan_and_check(inputs: PlanInputs, budget: int, measure_peak, label: str | N
             return step, measured
         replaced.append(f"a plan predicted at {step.predicted_peak_bytes} bytes measured {peak}, over the budget, "
                         "and was replaced")
+        under = max(under, peak / step.predicted_peak_bytes)
         target = int(target * budget / peak * (1 - PLAN_MARGIN))
     raise UserError(f"{label}: the planned step measured {peak} bytes, over the budget, after "
                     "4 plans; give a larger budget")
