@@ -87,7 +87,7 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, budget, output, dtype, allocator, objective,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, budget, output, dtype, allocator, objective,
             calib, calib_batches, rank_multiple, rank_grid, thresholds, onnx_path, json_path, eval_data, seed,
             report_dir, device):
     """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
@@ -103,7 +103,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
     from wasi_compress.outputs import check_paths
 
     check_paths({"MODEL": model, "--weights": weights}, output_paths(config), data_folders(config))  # before any work
-    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
+    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len)
     source = None if loaded.metadata else checkpoint_source(model, arch=arch, num_classes=num_classes, img_size=img_size)
     # progress on stderr: stdout only ever carries results (and stays empty on an error)
     with progress_bar(Console(stderr=True), "converting") as on_progress:

@@ -36,7 +36,7 @@ from wasi_compress import _compat  # noqa: F401  (before timm)
 from wasi_compress.architectures import build_architecture, builtin_architectures, runs_code
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
-from wasi_compress.inputs import data_config, example_input
+from wasi_compress.inputs import data_config, model_example
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.passes.capture import LinearSite
 from wasi_compress.weights import METADATA_KEY, load_state_dict_strict, read_state_dict
@@ -48,7 +48,7 @@ _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out
 _MODULE_KINDS = {"subspace": SubspaceLinear}
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
-_MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size",
+_MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size", "token_input", "hf_source",
                 "wasi_compress_source")  # the last: how wasi_compress.load built it (transforms/persist.py)
 
 
@@ -205,6 +205,10 @@ def build_source(source: dict[str, Any], *, where: str = "checkpoint", trust_cod
         entry = builtin_architectures().get(arch[len("builtin:"):])
         if entry is not None and entry.fixed_input_size:
             raise UserError(f"{where}: {arch} has a fixed input size, but the checkpoint names img_size {img_size}")
+    if arch.startswith("hf:"):
+        from wasi_compress.hf import build_from_source
+
+        return build_from_source(source, where=where)
     return build_architecture(arch, num_classes=num_classes, img_size=img_size, pretrained=False)
 
 
@@ -221,8 +225,7 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
     if functional:
         from wasi_compress.passes.capture import capture
 
-        size, _, _ = data_config(model, None)
-        cap = capture(model, example_input(size, 1), rewrite_attention=False)
+        cap = capture(model, model_example(model, 1), rewrite_attention=False)
         if cap.graph_module is None:
             raise UserError(f"{where}: names functional linear sites, but the source architecture cannot be traced "
                             f"with torch.fx ({cap.note})")
@@ -293,6 +296,8 @@ def _check_source(source: Any, *, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: the checkpoint's source must name an architecture "
                         "(timm:<name>, builtin:<name> or package.module:factory)")
     out = {"arch": source["arch"], "num_classes": source.get("num_classes"), "img_size": source.get("img_size")}
+    if source["arch"].startswith("hf:"):  # a transformers class and its config (hf.py), read as data
+        out.update(hf_config=source.get("hf_config"), seq_len=source.get("seq_len"))
     for key in ("num_classes", "img_size"):
         if out[key] is not None and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
             raise UserError(f"{where}: the checkpoint's source {key} must be a positive integer or null, got {out[key]!r}")

@@ -121,9 +121,9 @@ def data_folders(config: ConvertConfig) -> dict[str, str | None]:
 
 
 def _example(loaded: LoadedModel, config: ConvertConfig, device) -> torch.Tensor:
-    from wasi_compress.inputs import example_input
+    from wasi_compress.inputs import model_example
 
-    return example_input(loaded.input_size, 2, seed=config.seed, device=device)
+    return model_example(loaded.model, 2, seed=config.seed, device=device, input_size=loaded.input_size)
 
 
 def _plan(work: nn.Module, config: ConvertConfig, x, calib, spec: str, progress):

@@ -30,6 +30,9 @@ def source_of(loaded: LoadedModel, source: dict | None) -> tuple[dict | None, li
         return {"arch": source["arch"], "num_classes": source.get("num_classes"), "img_size": source.get("img_size")}, prior
     if meta.get("source"):
         return dict(meta["source"]), prior
+    hf_source = getattr(loaded.model, "hf_source", None)
+    if isinstance(hf_source, dict):  # an hf: model records its class and config, not a path (hf.py)
+        return {**hf_source, "num_classes": loaded.num_classes, "img_size": None}, prior
     spec = loaded.spec
     if not is_architecture(spec):
         return None, prior
