@@ -209,3 +209,23 @@ def test_bad_hf_input_is_one_line(cli, assert_one_line_error, hf_dirs, tmp_path)
         assert_one_line_error(cli("analyze", spec), *fragments)
     assert_one_line_error(cli("analyze", f"hf:{hf_dirs['bert']}", "--seq-len", "65"), "65", "64")
     assert_one_line_error(cli("analyze", "timm:vit_tiny_patch16_224", "--seq-len", "8"), "--seq-len")
+
+
+# -- the real pretrained MiniLM ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_builtin_minilm_is_the_real_pretrained_model_offline():
+    from wasi_compress.convert.tokens import tokenize_lines
+
+    loaded = _load("builtin:minilm", seq_len=32)
+    model = loaded.model
+    assert sum(p.numel() for p in model.parameters()) == 22_713_216
+    assert loaded.input_size == (32,)
+    ids = tokenize_lines(model, ["A man is playing a guitar.", "Someone plays a musical instrument.",
+                                 "The stock market fell sharply today."], 32)
+    assert ids[0, 0] == 101 and (ids[0, -1] == 0)  # [CLS] first, padded with [PAD]
+    with torch.no_grad():
+        hidden = model(ids)
+    mask = (ids != 0).unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    related, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
+    assert related > unrelated + 0.2, (related, unrelated)  # trained weights, not a random init

@@ -81,6 +81,10 @@ def build_architecture(spec: str, *, num_classes: int | None = None, img_size: i
     """The model an architecture reference names. ``pretrained``: builtin models come with their shipped
     weights (False: the bare architecture, for a checkpoint to fill); timm models never download any.
     ``seq_len``: the token length of a text model's example input (hf: text models)."""
+    if spec.strip() == "builtin:minilm":  # a packaged hf: folder (builtin/minilm.py), so --seq-len applies
+        from wasi_compress.hf import minilm_spec
+
+        spec = minilm_spec()
     if spec.startswith("hf:"):
         from wasi_compress.hf import load_hf
 

@@ -37,6 +37,7 @@ from wasi_compress.architectures import build_architecture, builtin_architecture
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
 from wasi_compress.inputs import data_config, model_example
+from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.passes.capture import LinearSite
 from wasi_compress.weights import METADATA_KEY, load_state_dict_strict, read_state_dict
@@ -45,7 +46,7 @@ FORMAT = "wasi-compress/checkpoint/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESERVED = ("format", "toolkit_version", "source", "structure", "dtype", "aliases", "explicit_attention")
 _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out_features")
-_MODULE_KINDS = {"subspace": SubspaceLinear}
+_MODULE_KINDS = {"subspace": SubspaceLinear, "embedding": LowRankEmbedding}
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
 _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size", "token_input", "hf_source",
@@ -53,7 +54,11 @@ _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_s
 
 
 def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:
-    """The structure entry of a site replaced by a SubspaceLinear."""
+    """The structure entry of a site replaced by a SubspaceLinear, or of an embedding replaced by a
+    LowRankEmbedding (``in_features``: its vocabulary, ``out_features``: its width)."""
+    if isinstance(module, LowRankEmbedding):
+        return {"name": site.name, "kind": "module", "module": "embedding", "rank": int(module.rank), "bias": False,
+                "in_features": module.num_embeddings, "out_features": module.embedding_dim}
     if not isinstance(module, SubspaceLinear):
         raise TypeError(f"{site.name}: only SubspaceLinear modules are recorded, got {type(module).__name__}")
     return {"name": site.name, "kind": site.kind, "module": "subspace", "rank": int(module.rank),
@@ -219,6 +224,10 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
 
     if not structure:
         return model
+    _apply_embeddings(model, [e for e in structure if e["module"] == "embedding"], where)
+    structure = [e for e in structure if e["module"] != "embedding"]
+    if not structure:
+        return model
     entries = {(e["kind"], e["name"]): e for e in structure}
     functional = [e for e in structure if e["kind"] == "functional"]
     target: nn.Module = model
@@ -266,6 +275,26 @@ def apply_structure(model: nn.Module, structure: list[dict[str, Any]], *, where:
 
     ReplaceLinearsPass(sites, build)(target)  # through PassBase.__call__: requires/ensures run
     return target
+
+
+def _apply_embeddings(model: nn.Module, entries: list[dict[str, Any]], where: str) -> None:
+    """Empty LowRankEmbedding modules where the structure names factored embeddings."""
+    for e in entries:
+        try:
+            m = model.get_submodule(e["name"])
+        except AttributeError:
+            m = None
+        if type(m) is not nn.Embedding or e["kind"] != "module":
+            raise UserError(f"{where}: its structure names the embedding {e['name']!r}, which the source "
+                            f"architecture {type(model).__name__} does not have")
+        if (e["in_features"], e["out_features"]) != (m.num_embeddings, m.embedding_dim):
+            raise UserError(f"{where}: the embedding {e['name']} is {e['in_features']}x{e['out_features']} in the "
+                            f"checkpoint but {m.num_embeddings}x{m.embedding_dim} in the source architecture")
+        if e["rank"] > min(e["in_features"], e["out_features"]) or e["bias"]:
+            raise UserError(f"{where}: the embedding {e['name']} has rank {e['rank']} (or a bias), above what it can hold")
+        new = LowRankEmbedding.empty(e["in_features"], e["out_features"], e["rank"])
+        new.padding_idx = m.padding_idx
+        model.set_submodule(e["name"], new)
 
 
 def copy_model_attributes(model: nn.Module, graph_module: fx.GraphModule) -> None:

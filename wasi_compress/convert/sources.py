@@ -50,6 +50,7 @@ def merge_structure(converted: nn.Module, layers, prior: list[dict]) -> list[dic
     architecture: layers converted before (a checkpoint given as MODEL) keep their entries, with their
     new rank; layers converted now get new entries."""
     from wasi_compress.checkpoint import module_location, structure_entry
+    from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
     from wasi_compress.modules.subspace import SubspaceLinear
 
     by_location = {module_location(converted, entry): entry for entry in prior}
@@ -61,7 +62,7 @@ def merge_structure(converted: nn.Module, layers, prior: list[dict]) -> list[dic
             module = converted.get_submodule(location)
         except AttributeError:
             continue
-        if not isinstance(module, SubspaceLinear):
+        if not isinstance(module, (SubspaceLinear, LowRankEmbedding)):
             continue
         fresh = structure_entry(site, module)
         old = by_location.pop(location, None)

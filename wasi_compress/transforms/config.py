@@ -103,7 +103,8 @@ class LowRankConfig(TransformConfig):
     "50MB", "12MiB"). ``objective``: "weight" (relative Frobenius error, no data) or "data" (relative
     output error on calibration inputs, which `lowrank_` then needs). ``thresholds``: explained-variance
     thresholds whose ranks are candidates, beside ``rank_grid`` ranks up to break-even, rounded up to
-    ``rank_multiple``. ``roles``: the linear roles that may change (the default filter)."""
+    ``rank_multiple``. ``roles``: the linear roles that may change (the default filter). ``embeddings``:
+    nn.Embedding tables are planner candidates too (low-rank E ~ A B)."""
 
     budget: str | int
     dtype: str = "float32"
@@ -114,6 +115,7 @@ class LowRankConfig(TransformConfig):
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     roles: tuple[str, ...] = ALL_ROLES
     seed: int = 0
+    embeddings: bool = True
     budget_bytes: int = field(init=False, repr=False, compare=False)
     tuple_fields: ClassVar[tuple[str, ...]] = ("thresholds", "roles")
 

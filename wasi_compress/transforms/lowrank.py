@@ -4,7 +4,8 @@ Budget semantics: ``config.budget`` is the total bytes of ALL parameters of the 
 ``config.dtype`` plus its persistent buffers. Parameters the transform does not change (embeddings,
 norms, convolutions, linears that are skipped or filtered out) are paid for first; the rest goes to the
 planner, which picks one candidate per linear: a rank k (``k (in + out)`` elements plus the bias) or the
-dense layer. Every candidate's error is relative to its own layer, so errors add up on one scale:
+dense layer; token embeddings are candidates too (``config.embeddings``: E ~ A B, see
+_lowrank_embeddings.py). Every candidate's error is relative to its own layer, so errors add up on one scale:
 ``objective="weight"``: ||W - W_k||_F / ||W||_F; ``objective="data"``: ||X W^T - X W_k^T||_F / ||X W^T||_F
 on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too."""
 
@@ -22,6 +23,9 @@ from wasi_compress.planner import LayerCandidates, Plan, plan as make_plan, smal
 from wasi_compress.spectrum import singular_values
 from wasi_compress.transforms._lowrank_candidates import (
     Progress, SiteWeights, rank_candidates, site_weights, unsupported, whitenings_from,
+)
+from wasi_compress.transforms._lowrank_embeddings import (
+    counting_tokens, embedding_layers, embedding_spectrum, factor_embeddings, row_weights,
 )
 from wasi_compress.transforms.config import LowRankConfig
 from wasi_compress.marks import mark_module
@@ -91,23 +95,15 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     cap = capture(model, example)
     skipped = list(cap.skipped)
     layers = _selected(model, cap, config, filter_fn, elem, skipped)
-    site_params = {id(p) for layer in layers for p in site_parameters(model, layer.site)}
+    embeddings = embedding_layers(model, skipped) if config.embeddings and filter_fn is None else []
+    site_params = {id(p) for layer in layers + embeddings for p in site_parameters(model, layer.site)}
     fixed_param = sum(p.numel() * element_bytes(p, dtype) for p in model.parameters() if id(p) not in site_params)
     buffer_bytes = stored_bytes(model, dtype) - param_bytes(model, dtype)
 
-    whitenings = {}
-    if config.objective == "data":
-        if calib is None:
-            raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
-        whitenings = whitenings_from(model, layers, calib, device, progress)
-    for i, layer in enumerate(layers):
-        progress(i, len(layers), f"spectrum of {layer.site.name}")
-        wh = whitenings.get(layer.site.name)
-        s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
-        layer.candidates = rank_candidates(layer, s, config, elem)
+    whitenings, token_weights = _candidates(model, layers, embeddings, config, calib, device, elem, progress)
     progress(len(layers), len(layers), "planning")
 
-    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers]
+    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers + embeddings]
     fixed = fixed_param + buffer_bytes
     floor = smallest_feasible_budget(candidates) + fixed
     if config.budget_bytes < floor:
@@ -121,13 +117,38 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     ranks = {name: c.rank for name, c in chosen}
     to_replace = [layer for layer in layers if ranks[layer.site.name] not in (None, layer.current_rank)]
     target = _factor(model, cap, to_replace, ranks, whitenings, progress, ReplaceLinearsPass, copy_model_attributes)
+    factor_embeddings(target, embeddings, ranks, token_weights)
     if dtype != torch.float32:
         _round_trip_dtype(target, dtype)  # compute with exactly the weights a checkpoint stores
     total = param_bytes(target, dtype)
     if total > fixed_param + the_plan.total_cost_bytes:  # the accounting and the model must agree
         raise AssertionError(f"planned {fixed_param + the_plan.total_cost_bytes} bytes, the model has {total}")
-    return LowRankPlan(target, the_plan, layers, chosen, fixed_param, buffer_bytes, floor,
+    return LowRankPlan(target, the_plan, layers + embeddings, chosen, fixed_param, buffer_bytes, floor,
                        config.budget_bytes - fixed, total, skipped, cap)
+
+
+def _candidates(model, layers, embeddings, config, calib, device, elem, progress):
+    """Each layer's rank candidates from its spectrum: of the weight, or with the data objective of the
+    whitened weight (linears) or the token-weighted table (embeddings), from one calibration pass."""
+    whitenings, token_weights = {}, {}
+    if config.objective == "data":
+        if calib is None:
+            raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
+        with counting_tokens(model, embeddings) as counts:
+            whitenings = whitenings_from(model, layers, calib, device, progress)
+        token_weights = {layer.site.name: row_weights(counts[layer.site.name],
+                                                      model.get_submodule(layer.site.name).padding_idx)
+                         for layer in embeddings}
+    for layer in embeddings:
+        progress(0, len(embeddings), f"spectrum of {layer.site.name}")
+        s = embedding_spectrum(layer, token_weights.get(layer.site.name))
+        layer.candidates = rank_candidates(layer, s, config, elem)
+    for i, layer in enumerate(layers):
+        progress(i, len(layers), f"spectrum of {layer.site.name}")
+        wh = whitenings.get(layer.site.name)
+        s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
+        layer.candidates = rank_candidates(layer, s, config, elem)
+    return whitenings, token_weights
 
 
 def _selected(model, cap, config, filter_fn, elem, skipped) -> list[SiteWeights]:
