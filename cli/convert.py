@@ -82,6 +82,9 @@ def render(doc: dict, console) -> None:
               help="Explained-variance thresholds whose ranks are candidates (besides a grid up to break-even).")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Token embedding tables are planner candidates too (low-rank E ~ A B: a gather, then a small matmul).")
+@click.option("--error-scale", type=click.Choice(["auto", "layer", "model"]), default="auto", show_default=True,
+              help="Plan on each layer's own relative error, or on its estimated effect on the model's output (measured on "
+                   "a calibration batch; --objective data). auto: model when an embedding is a candidate.")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Also export ONNX here, checked against torch.")
 @click.option("--json", "json_path", default=None, help="Write the convert/1 JSON document here ('-' for stdout).")
 @click.option("--eval", "eval_data", default=None, help="Top-1 accuracy before and after on this set's test split: mnist, digits or a folder.")
@@ -90,7 +93,7 @@ def render(doc: dict, console) -> None:
 @device_option
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, budget, output, dtype, allocator, objective,
-            calib, calib_batches, rank_multiple, rank_grid, thresholds, embeddings, onnx_path, json_path, eval_data, seed,
+            calib, calib_batches, rank_multiple, rank_grid, thresholds, embeddings, error_scale, onnx_path, json_path, eval_data, seed,
             report_dir, device):
     """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
     from wasi_compress.architectures import checkpoint_source
@@ -99,7 +102,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
     console = console_for(json_path)
     config = ConvertConfig(budget=budget, dtype=dtype, allocator=allocator, objective=objective, calib=calib,
                            calib_batches=calib_batches, rank_multiple=rank_multiple, rank_grid=rank_grid,
-                           thresholds=thresholds, embeddings=embeddings, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
+                           thresholds=thresholds, embeddings=embeddings, error_scale=error_scale, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
                            json=json_path, report=report_dir, device=device)
     from wasi_compress.convert.job import data_folders, output_paths
     from wasi_compress.outputs import check_paths

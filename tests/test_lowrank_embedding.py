@@ -152,3 +152,23 @@ def test_checkpoint_restores_the_factored_embedding_and_onnx_is_gather_matmul(tm
     assert len(gathers) == 1
     consumers = [n.op_type for n in graph.node if gathers[0].output[0] in n.input]
     assert consumers == ["MatMul"]
+
+
+def test_model_scale_errors_stop_the_embedding_from_taking_the_whole_cut():
+    """Under the data objective with an embedding candidate, errors are put on the model's scale
+    (measured: each probe swapped in alone); the plan then matches what the model output says."""
+    from wasi_compress.transforms._sensitivity import model_error_scales, rescale  # noqa: F401
+
+    model = TinyTextModel()
+    total = sum(p.numel() * 4 for p in model.parameters())
+    calib = [torch.randint(1, 600, (4, 9)) for _ in range(2)]
+    auto = lowrank_(TinyTextModel(), LowRankConfig(budget=total // 2, objective="data"), example=calib[0], calib=calib)
+    layer = lowrank_(TinyTextModel(), LowRankConfig(budget=total // 2, objective="data", error_scale="layer"),
+                     example=calib[0], calib=calib)
+    x = torch.randint(1, 600, (8, 9))
+    with torch.no_grad():
+        ref = model(x)
+        err = lambda m: float((m(x) - ref).norm() / ref.norm())  # noqa: E731
+        assert err(auto.model) <= err(layer.model) + 1e-6
+    with pytest.raises(Exception, match="error_scale"):
+        LowRankConfig(budget=1000, error_scale="model")  # measured on data: needs the data objective

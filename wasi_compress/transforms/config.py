@@ -22,6 +22,7 @@ ALL_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2", "head", "other")
 BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 METHODS = ("wasi", "asi", "vanilla")
 OBJECTIVES = ("weight", "data")
+ERROR_SCALES = ("auto", "layer", "model")
 ALLOCATORS = ("dp", "greedy")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -104,7 +105,10 @@ class LowRankConfig(TransformConfig):
     output error on calibration inputs, which `lowrank_` then needs). ``thresholds``: explained-variance
     thresholds whose ranks are candidates, beside ``rank_grid`` ranks up to break-even, rounded up to
     ``rank_multiple``. ``roles``: the linear roles that may change (the default filter). ``embeddings``:
-    nn.Embedding tables are planner candidates too (low-rank E ~ A B)."""
+    nn.Embedding tables are planner candidates too (low-rank E ~ A B). ``error_scale``: "layer" (each
+    layer's relative error), "model" (rescaled to estimate the model output's relative error, measured
+    on one calibration batch; needs objective "data"), or "auto" (model when an embedding is a
+    candidate under the data objective, else layer); see transforms/_sensitivity.py."""
 
     budget: str | int
     dtype: str = "float32"
@@ -116,6 +120,7 @@ class LowRankConfig(TransformConfig):
     roles: tuple[str, ...] = ALL_ROLES
     seed: int = 0
     embeddings: bool = True
+    error_scale: str = "auto"
     budget_bytes: int = field(init=False, repr=False, compare=False)
     tuple_fields: ClassVar[tuple[str, ...]] = ("thresholds", "roles")
 
@@ -126,6 +131,9 @@ class LowRankConfig(TransformConfig):
         self.check_choice("dtype", DTYPE_NAMES)
         self.check_choice("allocator", ALLOCATORS)
         self.check_choice("objective", OBJECTIVES)
+        self.check_choice("error_scale", ERROR_SCALES)
+        if self.error_scale == "model" and self.objective != "data":
+            self.fail("error_scale", "model-scale errors are measured on calibration data: use objective 'data'")
         self.check_int("rank_multiple", 1)
         self.check_int("rank_grid", 0)
         self.check_int("seed", 0)

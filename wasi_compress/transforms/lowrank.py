@@ -27,6 +27,7 @@ from wasi_compress.transforms._lowrank_candidates import (
 from wasi_compress.transforms._lowrank_embeddings import (
     counting_tokens, embedding_layers, embedding_spectrum, factor_embeddings, row_weights,
 )
+from wasi_compress.transforms._sensitivity import model_error_scales, rescale
 from wasi_compress.transforms.config import LowRankConfig
 from wasi_compress.marks import mark_module
 
@@ -134,6 +135,7 @@ def _candidates(model, layers, embeddings, config, calib, device, elem, progress
     if config.objective == "data":
         if calib is None:
             raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
+        calib = list(calib)  # read twice: the calibration pass, then the model-scale probe
         with counting_tokens(model, embeddings) as counts:
             whitenings = whitenings_from(model, layers, calib, device, progress)
         token_weights = {layer.site.name: row_weights(counts[layer.site.name],
@@ -148,7 +150,18 @@ def _candidates(model, layers, embeddings, config, calib, device, elem, progress
         wh = whitenings.get(layer.site.name)
         s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
         layer.candidates = rank_candidates(layer, s, config, elem)
+    if model_scale(config, embeddings):
+        batch = next(iter(calib)).to(device)
+        rescale(layers + embeddings, model_error_scales(model, layers + embeddings, batch, whitenings, token_weights,
+                                                        progress))
     return whitenings, token_weights
+
+
+def model_scale(config: LowRankConfig, embeddings: list) -> bool:
+    """Whether errors are on the model's scale (config.error_scale, "auto" resolved)."""
+    if config.error_scale == "auto":
+        return config.objective == "data" and bool(embeddings)
+    return config.error_scale == "model"
 
 
 def _selected(model, cap, config, filter_fn, elem, skipped) -> list[SiteWeights]:
