@@ -130,15 +130,19 @@ def conversions(args, emit) -> None:
     base = {b: ort_latency(work / "original.onnx", x, args.runs) for b, x in ((1, x1), (len(xb), xb))}
     emit(f"original: file {(work / 'original.onnx').stat().st_size} bytes (ONNX); onnxruntime 1 thread: "
          f"batch 1 {base[1]:.2f} ms, batch {len(xb)} {base[len(xb)]:.2f} ms")
+    from wasi_compress.transforms import _sensitivity
+
+    emit(f"converted models stored in {args.dtype}; bytes = the budget as a fraction of the float32 model's bytes; "
+         f"model-scale errors from {_sensitivity.PROBES} probe ranks per layer on {_sensitivity.PROBE_ROWS} calibration rows")
     emit()
     head = (f"{'bytes':>6} {'objective':<9} {'cos mean':>8} {'cos min':>8} {'same NN':>8} {'NN rank':>8} "
             f"{'file bytes':>10} {'emb rank':>8} {'lin fact':>8} {'ort b1':>7} {'ort b' + str(len(xb)):>8} {'onnx diff':>9} {'conv s':>6}")
     emit(head)
     emit("-" * len(head))
     for frac in args.fractions:
-        for objective in ("weight", "data"):
+        for objective in args.objectives:
             out, onnx = work / f"c-{frac}-{objective}.safetensors", work / f"c-{frac}-{objective}.onnx"
-            cfg = ConvertConfig(budget=int(total * frac), objective=objective, output=str(out), onnx=str(onnx),
+            cfg = ConvertConfig(budget=int(total * frac), objective=objective, output=str(out), onnx=str(onnx), dtype=args.dtype,
                                 calib=str(work / "calib.txt") if objective == "data" else None,
                                 calib_batches=-(-len(calib_text) // 32), calib_batch_size=32)
             start = time.perf_counter()
@@ -227,6 +231,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.75, 0.5, 0.25])
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="storage dtype of the converted model (the fractions stay of the float32 bytes)")
+    parser.add_argument("--objectives", nargs="*", default=["weight", "data"])
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
     parser.add_argument("--held-out", type=int, default=128, help="held-out sentences")
     parser.add_argument("--latency-batch", type=int, default=8)

@@ -7,10 +7,13 @@ the same bytes) with
 - ``format``: ``"wasi-compress/checkpoint/1"`` (a reader refuses formats it does not know);
 - ``toolkit_version``: the ``wasi_compress.__version__`` that wrote it;
 - ``source``: how to build the original architecture without weights: ``{"arch": "timm:<name>" |
-  "builtin:<name>" | "package.module:factory", "num_classes": int | null, "img_size": int | null}``;
+  "builtin:<name>" | "package.module:factory" | "hf:<ModelClass>", "num_classes": int | null, "img_size":
+  int | null}``; an ``hf:`` source adds ``hf_config`` (the transformers config, JSON) and ``seq_len``;
 - ``structure``: one entry per replaced linear site, ``{"name", "kind": "module" | "functional",
   "module": "subspace", "rank", "bias", "in_features", "out_features"}``; ``name`` is the site's name in
-  the source architecture (module qualname, or the weight's qualname for a functional linear);
+  the source architecture (module qualname, or the weight's qualname for a functional linear); a token
+  embedding factored as E ~ A B has ``"module": "embedding"``, ``in_features`` its vocabulary and
+  ``out_features`` its width;
 - ``explicit_attention``: whether ``nn.MultiheadAttention`` modules were rewritten with explicit
   projections (passes/attention.py) before the sites were replaced;
 - ``aliases``: ``{dropped key: kept key}`` for state-dict entries that shared one tensor (stored once);

@@ -24,8 +24,8 @@ from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.planner import Candidate
 
-PROBES = 3          # probe ranks per layer
-PROBE_ROWS = 4      # calibration rows the model runs per probe
+PROBES = 5          # probe ranks per layer
+PROBE_ROWS = 8      # calibration rows the model runs per probe
 
 
 def _probes(layer) -> list[Candidate]:
