@@ -229,3 +229,15 @@ def test_builtin_minilm_is_the_real_pretrained_model_offline():
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     related, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
     assert related > unrelated + 0.2, (related, unrelated)  # trained weights, not a random init
+
+
+def test_a_training_step_on_token_ids(hf_dirs):
+    """train_step on a text classifier: the batch is integer ids, the loss a float."""
+    from wasi_compress.finetune import after_step_fn, train_step
+    from wasi_compress.inputs import model_example
+
+    model = _load(f"hf:{hf_dirs['bertcls']}", seq_len=8).model.train()
+    x, y = model_example(model, 4), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, out = train_step(model, opt, x, y, after_step_fn(model))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and out.shape == (4, 3)
