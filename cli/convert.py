@@ -107,7 +107,10 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
     from wasi_compress.convert.job import data_folders, output_paths
     from wasi_compress.outputs import check_paths
 
-    check_paths({"MODEL": model, "--weights": weights}, output_paths(config), data_folders(config))  # before any work
+    from wasi_compress.hf import model_folder
+
+    check_paths({"MODEL": model, "--weights": weights}, output_paths(config),
+                {**data_folders(config), "MODEL": model_folder(model)})  # before any work
     loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len)
     source = None if loaded.metadata else checkpoint_source(model, arch=arch, num_classes=num_classes, img_size=img_size)
     # progress on stderr: stdout only ever carries results (and stays empty on an error)

@@ -208,6 +208,10 @@ def test_bad_hf_input_is_one_line(cli, assert_one_line_error, hf_dirs, tmp_path)
     for spec, fragments in cases:
         assert_one_line_error(cli("analyze", spec), *fragments)
     assert_one_line_error(cli("analyze", f"hf:{hf_dirs['bert']}", "--seq-len", "65"), "65", "64")
+    before = (hf_dirs["vit"] / "model.safetensors").read_bytes()
+    assert_one_line_error(cli("convert", f"hf:{hf_dirs['vit']}", "--budget", "1MB", "-o",
+                              hf_dirs["vit"] / "model.safetensors"), "inside the input folder MODEL")
+    assert (hf_dirs["vit"] / "model.safetensors").read_bytes() == before
     assert_one_line_error(cli("analyze", "timm:vit_tiny_patch16_224", "--seq-len", "8"), "--seq-len")
 
 

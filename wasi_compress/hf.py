@@ -52,6 +52,15 @@ def is_hf(spec: str) -> bool:
     return spec.strip().startswith(PREFIX)
 
 
+def model_folder(spec: str) -> str | None:
+    """The folder an ``hf:<dir>`` MODEL reads (no output may be written inside it), else None."""
+    spec = spec.strip()
+    if not spec.startswith(PREFIX):
+        return None
+    folder = Path(spec[len(PREFIX):])
+    return str(folder) if folder.is_dir() else None
+
+
 def _transformers():
     try:
         import transformers

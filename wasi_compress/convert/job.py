@@ -70,8 +70,10 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     progress = on_progress or (lambda *_: None)
     loaded = as_loaded(model, spec)
+    from wasi_compress.hf import model_folder
+
     check_paths({"MODEL": loaded.spec if Path(loaded.spec).is_file() else None}, output_paths(config),
-                data_folders(config))
+                {**data_folders(config), "MODEL": model_folder(loaded.spec)})
     device = resolve_device(config.device)
     source, prior_structure = source_of(loaded, source)
     if config.output and source is None:
