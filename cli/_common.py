@@ -47,17 +47,19 @@ def model_options(f: Callable) -> Callable:
                      help="Classifier size (1 or more), passed to timm or the factory."),
         click.option("--img-size", type=int, default=None, callback=_at_least_one("an image size"),
                      help="Input resolution (1 or more), passed to timm or the factory."),
+        click.option("--seq-len", type=int, default=None, callback=_at_least_one("a sequence length"),
+                     help="Tokens per example of a text model (hf: BERT, builtin:minilm); default 128."),
     ]
     for d in reversed(decorators):
         f = d(f)
     return f
 
 
-def load_from_options(model: str, arch, weights, trust_pickle, trust_code, num_classes, img_size):
+def load_from_options(model: str, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len=None):
     from wasi_compress.loading import load_model
 
     return load_model(model, arch=arch, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code,
-                      num_classes=num_classes, img_size=img_size)
+                      num_classes=num_classes, img_size=img_size, seq_len=seq_len)
 
 
 def parse_float_list(text: str, what: str) -> list[float]:

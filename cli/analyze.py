@@ -99,7 +99,7 @@ def _family_table(by_family: dict[str, int], total: int) -> Table:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, batch_size, input_size, thresholds,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, batch_size, input_size, thresholds,
             levers, json_path, report_dir, device):
     """Show, per linear layer, how compressible MODEL is and where its training memory goes."""
     from wasi_compress.analysis import analyze
@@ -118,7 +118,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
     outputs = {"--json": json_path, "--report": report_html(report_dir)}
     check_paths({"MODEL": model, "--weights": weights}, outputs)
     with lock_outputs(outputs.values()):  # two runs cannot write the same output
-        loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
+        loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len)
         with progress_bar(console, "analyzing") as on_progress:
             doc = analyze(loaded, batch_size=batch_size, input_size=size,
                           thresholds=parse_float_list(thresholds, "--thresholds"), device=check_device(device),

@@ -83,6 +83,11 @@ def render(doc: dict, console) -> None:
 @click.option("--convs", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Low-rank convolutions (a rank-r kxk conv then a 1x1) as planner candidates: auto = only when the "
                    "linears alone cannot reach the budget.")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Token embedding tables are planner candidates too (low-rank E ~ A B: a gather, then a small matmul).")
+@click.option("--error-scale", type=click.Choice(["auto", "layer", "model"]), default="auto", show_default=True,
+              help="Plan on each layer's own relative error, or on its estimated effect on the model's output (measured on "
+                   "a calibration batch; --objective data). auto: model when an embedding is a candidate.")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Also export ONNX here, checked against torch.")
 @click.option("--json", "json_path", default=None, help="Write the convert/1 JSON document here ('-' for stdout).")
 @click.option("--eval", "eval_data", default=None, help="Top-1 accuracy before and after on this set's test split: mnist, digits or a folder.")
@@ -90,8 +95,9 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, budget, output, dtype, allocator, objective,
-            calib, calib_batches, rank_multiple, rank_grid, thresholds, convs, onnx_path, json_path, eval_data, seed,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, budget, output, dtype, allocator, objective,
+            calib, calib_batches, rank_multiple, rank_grid, thresholds, convs, embeddings, error_scale, onnx_path, json_path,
+            eval_data, seed,
             report_dir, device):
     """Convert MODEL to low rank within --budget bytes, keeping it as faithful as possible."""
     from wasi_compress.architectures import checkpoint_source
@@ -100,13 +106,17 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
     console = console_for(json_path)
     config = ConvertConfig(budget=budget, dtype=dtype, allocator=allocator, objective=objective, calib=calib,
                            calib_batches=calib_batches, rank_multiple=rank_multiple, rank_grid=rank_grid,
-                           thresholds=thresholds, convs=convs, seed=seed, eval=eval_data, output=output, onnx=onnx_path,
+                           thresholds=thresholds, convs=convs, embeddings=embeddings, error_scale=error_scale, seed=seed,
+                           eval=eval_data, output=output, onnx=onnx_path,
                            json=json_path, report=report_dir, device=device)
     from wasi_compress.convert.job import data_folders, output_paths
     from wasi_compress.outputs import check_paths
 
-    check_paths({"MODEL": model, "--weights": weights}, output_paths(config), data_folders(config))  # before any work
-    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size)
+    from wasi_compress.hf import model_folder
+
+    check_paths({"MODEL": model, "--weights": weights}, output_paths(config),
+                {**data_folders(config), "MODEL": model_folder(model)})  # before any work
+    loaded = load_from_options(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len)
     source = None if loaded.metadata else checkpoint_source(model, arch=arch, num_classes=num_classes, img_size=img_size)
     # progress on stderr: stdout only ever carries results (and stays empty on an error)
     with progress_bar(Console(stderr=True), "converting") as on_progress:

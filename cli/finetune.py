@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from wasi_compress.cli._common import check_device, console_for, device_option, model_options, plain, wraps_user_errors
+from wasi_compress.errors import UserError
 from wasi_compress.units import format_bytes
 
 _MEMORY_ROWS = (
@@ -112,7 +113,7 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and plots here.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, data, method, update, threshold,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, data, method, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
             step_in_backward, memory_budget, micro_batches, recompute, finetune_last, frozen_dtype, allow_unchanged, seed, resume, output, json_path,
             report_dir, device):
@@ -122,6 +123,8 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
 
     import os
 
+    if seq_len is not None:
+        raise UserError("finetune trains image classifiers on image data; --seq-len is for analyze and convert of text models")
     console = console_for(json_path)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
     config = FinetuneConfig(

@@ -190,7 +190,7 @@ def capture(model: nn.Module, example_input: Any, *, rewrite_attention: bool = T
     module_sites = {name: _module_site(name, m) for name, m in model.named_modules()
                     if is_linear_module(m) and not _inside(name, {s["name"] for s in skipped})}
     example = example_input if isinstance(example_input, tuple) else (example_input,)
-    gm, note = _trace_or_note(model)
+    gm, note = _trace_or_note(model, example)
     functional: list[LinearSite] = []
     order: dict[str, int] = {}
     seen_functional: dict[str, None] = {}  # hooks path: parameters used as F.linear weights outside linear modules
@@ -317,11 +317,20 @@ def _hidden_attention(model: nn.Module, rewrite_attention: bool) -> list[dict[st
             for name, m in model.named_modules() if type(m) is nn.MultiheadAttention]
 
 
-def _trace_or_note(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
+def _trace_or_note(model: nn.Module, example: tuple) -> tuple[fx.GraphModule | None, str | None]:
+    hf_note = ""
+    if getattr(model, "hf_source", None) is not None and len(example) == 1:
+        # transformers' own tracer first: it knows its models' control flow (the generic one does not)
+        from wasi_compress.hf import trace_hf
+
+        try:
+            return trace_hf(model, example[0], tuple(_LINEAR_TYPES)), None
+        except Exception as exc:  # HFTracer raises as many error types as fx does
+            hf_note = f"transformers.utils.fx could not trace it ({type(exc).__name__}: {_first_line(exc)}); "
     try:
-        return trace(model), None
+        return trace(model), (hf_note + "traced with the generic tracer") if hf_note else None
     except Exception as exc:  # fx raises many error types (TraceError, TypeError, AssertionError...)
-        return None, (f"fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears "
+        return None, (f"{hf_note}fx could not trace {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); linears "
                       "were found with forward hooks; functional linears are listed as skipped")
 
 

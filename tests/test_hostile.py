@@ -404,6 +404,18 @@ def _checkpoints(lib: Path) -> None:
               metadata={"wasi_compress": json.dumps(meta)})
 
 
+def _hf_folders(lib: Path) -> None:
+    """hf: MODELs that cannot be loaded: a folder with weights but no config.json, a config of a model
+    type hf: does not support, and a BERT config for naming classes."""
+    bert = {"model_type": "bert", "vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}
+    (lib / "hf-noconfig").mkdir()
+    (lib / "hf-noconfig" / "model.safetensors").write_bytes((lib / "w.safetensors").read_bytes())
+    (lib / "hf-gpt2").mkdir()
+    (lib / "hf-gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    (lib / "hf-bert.json").write_text(json.dumps(bert))
+
+
 class _Payload:
     """Unpickling this runs os.mkdir("pwned"): a refused file must never get that far."""
 
@@ -474,6 +486,7 @@ def hostile_library(tmp_path_factory):
         _torch_files(lib)
         _reports(lib)
         _image_folders(lib)
+        _hf_folders(lib)
         (lib / "afile").write_text("a file where a folder should be\n")
         os.mkfifo(lib / "fifo")
     finally:
@@ -512,6 +525,12 @@ HOSTILE = {
                                                   ["no_such_model_xyz"]),
     "analyze a folder as MODEL": ("analyze rep", ["rep"]),
     "convert a missing file": (f"convert missing.safetensors {CV}", ["missing.safetensors", "no such file"]),
+    # ---- hf: models (issue 10)
+    "analyze an hf: folder without config.json": ("analyze hf:hf-noconfig", ["hf-noconfig", "no config.json"]),
+    "convert an hf: folder of an unsupported model type": (f"convert hf:hf-gpt2 {CV}", ["gpt2", "not supported"]),
+    "analyze an unknown hf: ModelClass": ("analyze hf:NoSuchModel:hf-bert.json", ["NoSuchModel", "not a supported"]),
+    "finetune an hf: class not on the allow-list": (f"finetune hf:os.system:hf-bert.json {FT}", ["os.system"]),
+    "check an hf: config that is missing": ("check hf:BertModel:nothere.json --max-size 1MB", ["nothere.json"]),
     # ---- checkpoints with tampered metadata (the code is trusted, so every later check is reached)
     "check a checkpoint naming sys:exit": ("check meta-exit.safetensors --max-size 1GB", ["sys:exit", "--trust-code"]),
     "analyze a checkpoint whose metadata is not JSON": (f"analyze meta-notjson.safetensors {TRUST}",

@@ -514,5 +514,5 @@ def test_register_architecture_adds_a_builtin_name(monkeypatch):
     assert isinstance(load_model("builtin:tiny-mlp").model, nn.Linear)
     bare = architectures.build_architecture("builtin:tiny-mlp", num_classes=3, pretrained=False)
     assert bare.out_features == 3
-    with pytest.raises(UserError, match="unknown builtin model 'nope'; available: mnist-vit, tiny-mlp"):
+    with pytest.raises(UserError, match="unknown builtin model 'nope'; available: minilm, mnist-vit, tiny-mlp"):
         load_model("builtin:nope")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from wasi_compress.errors import UserError
-from wasi_compress.inputs import data_config, example_input
+from wasi_compress.inputs import data_config, model_example
 from wasi_compress.loading import LoadedModel, load_model
 from wasi_compress.measure import FAMILIES, measure_saved_activations, train_memory
 from wasi_compress.measure.train_memory import TRAIN_MEMORY_SOURCES
@@ -83,9 +83,9 @@ def analyze(
     thresholds = check_thresholds(thresholds)
     model = copy.deepcopy(loaded.model).to(device)
     size = tuple(input_size) if input_size else loaded.input_size
-    x = example_input(size, batch_size, device=device)
+    x = model_example(model, batch_size, device=device, input_size=size)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    x = x.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x  # token ids stay integers
 
     cap = capture(model, x)
     total_steps = len(cap.sites) + 2

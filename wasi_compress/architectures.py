@@ -56,7 +56,8 @@ def builtin_architectures() -> dict[str, Architecture]:
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-_TRUSTED_PREFIXES = ("timm:", "builtin:")  # the two kinds that import nothing outside timm and this package
+# the kinds that import nothing outside timm, transformers (an allow-list of classes) and this package
+_TRUSTED_PREFIXES = ("timm:", "builtin:", "hf:")
 
 
 def is_architecture(spec: str) -> bool:
@@ -76,9 +77,21 @@ def runs_code(arch: str) -> bool:
 
 
 def build_architecture(spec: str, *, num_classes: int | None = None, img_size: int | None = None,
-                       pretrained: bool = True) -> nn.Module:
+                       pretrained: bool = True, seq_len: int | None = None, trust_pickle: bool = False) -> nn.Module:
     """The model an architecture reference names. ``pretrained``: builtin models come with their shipped
-    weights (False: the bare architecture, for a checkpoint to fill); timm models never download any."""
+    weights (False: the bare architecture, for a checkpoint to fill); timm models never download any.
+    ``seq_len``: the token length of a text model's example input (hf: text models)."""
+    if spec.strip() == "builtin:minilm":  # a packaged hf: folder (builtin/minilm.py), so --seq-len applies
+        from wasi_compress.hf import minilm_spec
+
+        spec = minilm_spec()
+    if spec.startswith("hf:"):
+        from wasi_compress.hf import load_hf
+
+        return load_hf(spec, num_classes=num_classes, img_size=img_size, seq_len=seq_len, trust_pickle=trust_pickle,
+                       pretrained=pretrained)
+    if seq_len is not None:
+        raise UserError("--seq-len is for text models (hf:); drop it")
     if spec.startswith("timm:"):
         return _timm_model(spec[len("timm:"):], num_classes=num_classes, img_size=img_size)
     if spec.startswith("builtin:"):
@@ -94,6 +107,8 @@ def checkpoint_source(model: str, *, arch: str | None = None, num_classes: int |
     ``num_classes``, when given, replaces the recorded one (a new classifier)."""
     if metadata and metadata.get("source"):
         source = dict(metadata["source"])
+    elif model.strip().startswith("hf:") and not arch:
+        return None  # the loaded model records its own (class and config: hf.HFModel.hf_source)
     elif arch:
         source = {"arch": arch, "num_classes": None, "img_size": img_size}
     elif is_architecture(model):

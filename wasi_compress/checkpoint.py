@@ -7,10 +7,13 @@ the same bytes) with
 - ``format``: ``"wasi-compress/checkpoint/1"`` (a reader refuses formats it does not know);
 - ``toolkit_version``: the ``wasi_compress.__version__`` that wrote it;
 - ``source``: how to build the original architecture without weights: ``{"arch": "timm:<name>" |
-  "builtin:<name>" | "package.module:factory", "num_classes": int | null, "img_size": int | null}``;
+  "builtin:<name>" | "package.module:factory" | "hf:<ModelClass>", "num_classes": int | null, "img_size":
+  int | null}``; an ``hf:`` source adds ``hf_config`` (the transformers config, JSON) and ``seq_len``;
 - ``structure``: one entry per replaced linear site, ``{"name", "kind": "module" | "functional",
   "module": "subspace", "rank", "bias", "in_features", "out_features"}``; ``name`` is the site's name in
-  the source architecture (module qualname, or the weight's qualname for a functional linear);
+  the source architecture (module qualname, or the weight's qualname for a functional linear); a token
+  embedding factored as E ~ A B has ``"module": "embedding"``, ``in_features`` its vocabulary and
+  ``out_features`` its width;
 - ``explicit_attention``: whether ``nn.MultiheadAttention`` modules were rewritten with explicit
   projections (passes/attention.py) before the sites were replaced;
 - ``aliases``: ``{dropped key: kept key}`` for state-dict entries that shared one tensor (stored once);
@@ -36,8 +39,9 @@ from wasi_compress import _compat  # noqa: F401  (before timm)
 from wasi_compress.architectures import build_architecture, builtin_architectures, runs_code
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
-from wasi_compress.inputs import data_config, example_input
+from wasi_compress.inputs import data_config, model_example
 from wasi_compress.modules.lowrank_conv import LowRankConv2d, factorable_conv
+from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.passes.capture import LinearSite
 from wasi_compress.weights import METADATA_KEY, load_state_dict_strict, read_state_dict
@@ -46,20 +50,24 @@ FORMAT = "wasi-compress/checkpoint/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESERVED = ("format", "toolkit_version", "source", "structure", "dtype", "aliases", "explicit_attention")
 _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out_features")
-_MODULE_KINDS = {"subspace": SubspaceLinear, "lowrank_conv": LowRankConv2d}
+_MODULE_KINDS = {"subspace": SubspaceLinear, "lowrank_conv": LowRankConv2d, "embedding": LowRankEmbedding}
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
-_MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size",
+_MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size", "token_input", "hf_source",
                 "wasi_compress_source")  # the last: how wasi_compress.load built it (transforms/persist.py)
 
 
 def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:
-    """The structure entry of a site replaced by a SubspaceLinear (or a convolution by a LowRankConv2d:
-    kind "module", in_features its unfolded patch I k k)."""
+    """The structure entry of a site replaced by a SubspaceLinear, of a convolution replaced by a
+    LowRankConv2d (kind "module", in_features its unfolded patch I k k), or of an embedding replaced by a
+    LowRankEmbedding (``in_features``: its vocabulary, ``out_features``: its width)."""
     if isinstance(module, LowRankConv2d):
         return {"name": site.name, "kind": "module", "module": "lowrank_conv", "rank": int(module.rank),
                 "bias": module.second.bias is not None, "in_features": int(module.in_features),
                 "out_features": int(module.out_features)}
+    if isinstance(module, LowRankEmbedding):
+        return {"name": site.name, "kind": "module", "module": "embedding", "rank": int(module.rank), "bias": False,
+                "in_features": module.num_embeddings, "out_features": module.embedding_dim}
     if not isinstance(module, SubspaceLinear):
         raise TypeError(f"{site.name}: only SubspaceLinear modules are recorded, got {type(module).__name__}")
     return {"name": site.name, "kind": site.kind, "module": "subspace", "rank": int(module.rank),
@@ -211,6 +219,10 @@ def build_source(source: dict[str, Any], *, where: str = "checkpoint", trust_cod
         entry = builtin_architectures().get(arch[len("builtin:"):])
         if entry is not None and entry.fixed_input_size:
             raise UserError(f"{where}: {arch} has a fixed input size, but the checkpoint names img_size {img_size}")
+    if arch.startswith("hf:"):
+        from wasi_compress.hf import build_from_source
+
+        return build_from_source(source, where=where)
     return build_architecture(arch, num_classes=num_classes, img_size=img_size, pretrained=False)
 
 
@@ -247,14 +259,17 @@ def _put_lowrank_conv(model: nn.Module, e: dict[str, Any], where: str) -> None:
 def _apply_linear_structure(model: nn.Module, structure: list[dict[str, Any]], where: str, ReplaceLinearsPass) -> nn.Module:
     if not structure:
         return model
+    _apply_embeddings(model, [e for e in structure if e["module"] == "embedding"], where)
+    structure = [e for e in structure if e["module"] != "embedding"]
+    if not structure:
+        return model
     entries = {(e["kind"], e["name"]): e for e in structure}
     functional = [e for e in structure if e["kind"] == "functional"]
     target: nn.Module = model
     if functional:
         from wasi_compress.passes.capture import capture
 
-        size, _, _ = data_config(model, None)
-        cap = capture(model, example_input(size, 1), rewrite_attention=False)
+        cap = capture(model, model_example(model, 1), rewrite_attention=False)
         if cap.graph_module is None:
             raise UserError(f"{where}: names functional linear sites, but the source architecture cannot be traced "
                             f"with torch.fx ({cap.note})")
@@ -297,6 +312,26 @@ def _apply_linear_structure(model: nn.Module, structure: list[dict[str, Any]], w
     return target
 
 
+def _apply_embeddings(model: nn.Module, entries: list[dict[str, Any]], where: str) -> None:
+    """Empty LowRankEmbedding modules where the structure names factored embeddings."""
+    for e in entries:
+        try:
+            m = model.get_submodule(e["name"])
+        except AttributeError:
+            m = None
+        if type(m) is not nn.Embedding or e["kind"] != "module":
+            raise UserError(f"{where}: its structure names the embedding {e['name']!r}, which the source "
+                            f"architecture {type(model).__name__} does not have")
+        if (e["in_features"], e["out_features"]) != (m.num_embeddings, m.embedding_dim):
+            raise UserError(f"{where}: the embedding {e['name']} is {e['in_features']}x{e['out_features']} in the "
+                            f"checkpoint but {m.num_embeddings}x{m.embedding_dim} in the source architecture")
+        if e["rank"] > min(e["in_features"], e["out_features"]) or e["bias"]:
+            raise UserError(f"{where}: the embedding {e['name']} has rank {e['rank']} (or a bias), above what it can hold")
+        new = LowRankEmbedding.empty(e["in_features"], e["out_features"], e["rank"])
+        new.padding_idx = m.padding_idx
+        model.set_submodule(e["name"], new)
+
+
 def copy_model_attributes(model: nn.Module, graph_module: fx.GraphModule) -> None:
     """Give a GraphModule the input description of the model it was traced from (timm's pretrained_cfg
     with the real input size), so loaders and commands read the right input shape and normalisation."""
@@ -325,6 +360,8 @@ def _check_source(source: Any, *, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: the checkpoint's source must name an architecture "
                         "(timm:<name>, builtin:<name> or package.module:factory)")
     out = {"arch": source["arch"], "num_classes": source.get("num_classes"), "img_size": source.get("img_size")}
+    if source["arch"].startswith("hf:"):  # a transformers class and its config (hf.py), read as data
+        out.update(hf_config=source.get("hf_config"), seq_len=source.get("seq_len"))
     for key, low in (("num_classes", 0), ("img_size", 1)):  # timm's num_classes=0: no classifier (EVA-02 tiny)
         if out[key] is not None and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < low):
             raise UserError(f"{where}: the checkpoint's source {key} must be an integer >= {low} or null, got {out[key]!r}")

@@ -24,8 +24,12 @@ def input_spec(model: nn.Module, img_size: int | None = None) -> InputSpec:
     return InputSpec(*data_config(model, img_size))
 
 
-def data_config(model: nn.Module, img_size: int | None = None) -> tuple[tuple[int, int, int], tuple, tuple]:
-    """(C, H, W), mean, std: timm's data config where the model has one, else from its patch embedding."""
+def data_config(model: nn.Module, img_size: int | None = None) -> tuple[tuple[int, ...], tuple, tuple]:
+    """(C, H, W), mean, std: timm's data config where the model has one, else from its patch embedding.
+    A text model (one with a ``token_input``, see hf.py) takes (seq_len,) token ids, no normalisation."""
+    tokens = getattr(model, "token_input", None)
+    if tokens is not None:
+        return (int(tokens.seq_len),), (), ()
     cfg = getattr(model, "pretrained_cfg", None) or {}
     input_size = cfg.get("input_size")
     patch_embed = getattr(model, "patch_embed", None)
@@ -53,6 +57,37 @@ def example_input(input_size: Sequence[int], batch_size: int, *, seed: int = 0, 
     """A fixed random batch: shapes and memory depend only on its size, and a seed keeps runs identical."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, *input_size, generator=g).to(device)
+
+
+def is_text_model(model: nn.Module) -> bool:
+    return getattr(model, "token_input", None) is not None
+
+
+def token_ids(tokens, batch_size: int, *, seed: int = 0, device: str = "cpu", seq_len: int | None = None) -> torch.Tensor:
+    """A fixed random batch of token ids; with a pad token, the rows after the first end in padding of
+    growing length (a quarter of the sequence at most), so the attention mask matters."""
+    length = int(seq_len or tokens.seq_len)
+    g = torch.Generator().manual_seed(seed)
+    low = 1 if tokens.pad_token_id == 0 else 0
+    ids = torch.randint(low, tokens.vocab_size, (batch_size, length), generator=g)
+    if tokens.pad_token_id is not None:
+        for row in range(1, batch_size):
+            pad = min(row, max(length // 4, 1) if length > 1 else 0)
+            if pad:
+                ids[row, length - pad:] = tokens.pad_token_id
+    return ids.to(device)
+
+
+def model_example(model: nn.Module, batch_size: int, *, seed: int = 0, device: str = "cpu",
+                  input_size: Sequence[int] | None = None) -> torch.Tensor:
+    """The example batch `model` takes: token ids for a text model, else images of `input_size` (default:
+    the model's own)."""
+    tokens = getattr(model, "token_input", None)
+    if tokens is not None:
+        return token_ids(tokens, batch_size, seed=seed, device=device,
+                         seq_len=input_size[0] if input_size else None)
+    size = tuple(input_size) if input_size else data_config(model, None)[0]
+    return example_input(size, batch_size, seed=seed, device=device)
 
 
 def _pair(v) -> tuple[int, int]:

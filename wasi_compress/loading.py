@@ -36,7 +36,7 @@ from wasi_compress.weights import check_file, load_weights_into, load_whole_modu
 class LoadedModel:
     model: nn.Module
     spec: str                       # the MODEL argument as given
-    input_size: tuple[int, int, int]  # (C, H, W) the model expects
+    input_size: tuple[int, ...]     # (C, H, W) the model expects; (seq_len,) for a text model
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int | None
@@ -52,6 +52,7 @@ def load_model(
     trust_code: bool = False,
     num_classes: int | None = None,
     img_size: int | None = None,
+    seq_len: int | None = None,
 ) -> LoadedModel:
     """Load a model from a MODEL argument (see the module docstring). Raises UserError on bad input.
 
@@ -60,15 +61,18 @@ def load_model(
     ``arch`` the caller passes is the caller's own choice and needs no flag."""
     spec = spec.strip()
     if not spec:
-        raise UserError("MODEL is empty: give timm:<name>, builtin:mnist-vit, package.module:factory or a weights file")
+        raise UserError("MODEL is empty: give timm:<name>, builtin:mnist-vit, hf:<dir>, package.module:factory or a weights file")
     metadata: dict[str, Any] = {}
     if is_architecture(spec):
         if arch:
             raise UserError("--arch is for weights files; MODEL already names an architecture")
-        model = build_architecture(spec, num_classes=num_classes, img_size=img_size)
+        model = build_architecture(spec, num_classes=num_classes, img_size=img_size, seq_len=seq_len,
+                                   trust_pickle=trust_pickle)
         if weights:
             load_weights_into(model, weights, trust_pickle=trust_pickle, what=spec)
     else:
+        if seq_len is not None:
+            raise UserError("--seq-len is for text models given as hf: or builtin:minilm; drop it")
         model, metadata = _load_file(Path(spec), arch=arch, weights=weights, trust_pickle=trust_pickle,
                                      trust_code=trust_code, num_classes=num_classes, img_size=img_size)
     model.eval()

@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from wasi_compress.planner import pareto_front
+from wasi_compress.transforms.lowrank import model_scale
 from wasi_compress.reports import CONVERT_SCHEMA as SCHEMA, ConvertReport, Source
 PARETO_POINTS = 12
 
 
-def error_scale(objective: str) -> str:
+def error_scale(objective: str, model_scale: bool = False) -> str:
+    if model_scale:
+        return ("estimated relative error of the model's output: each layer's relative output error (embeddings: "
+                "token-weighted) times its measured model-output sensitivity on a calibration batch, summed over layers")
     if objective == "weight":
         return "relative weight error ||W - W_k||_F / ||W||_F per layer (plain singular values), summed over layers"
     return ("relative output error ||X W^T - X W_k^T||_F / ||X W^T||_F per layer on the calibration inputs "
@@ -51,7 +55,7 @@ def document(spec: str, config, planned, original: dict[str, Any], converted: di
     body: dict[str, Any] = {
         "model": spec, "budget_bytes": config.budget_bytes, "total_bytes": planned.total_bytes,
         "original_bytes": original["bytes"], "dtype": config.dtype, "allocator": config.allocator,
-        "objective": config.objective, "error_scale": error_scale(config.objective), "seed": config.seed,
+        "objective": config.objective, "error_scale": error_scale(config.objective, model_scale(config, [l for l in planned.layers if l.site.role == "embedding"])), "seed": config.seed,
         "resolution_bytes": the_plan.resolution_bytes, "max_slack_bytes": the_plan.max_slack_bytes,
         "smallest_feasible_bytes": planned.smallest_feasible_bytes, "fixed_bytes": planned.fixed_bytes,
         "buffer_bytes": planned.buffer_bytes, "total_error": round(the_plan.total_error, 6),

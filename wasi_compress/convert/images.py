@@ -8,8 +8,15 @@ from wasi_compress.loading import LoadedModel
 
 
 def calibration_batches(config, loaded: LoadedModel, notes: list[str]) -> list[torch.Tensor]:
-    """``calib_batches`` batches of ``calib_batch_size`` training images (or uniform noise), normalised."""
+    """``calib_batches`` batches of ``calib_batch_size`` training images (or uniform noise), normalised;
+    token ids for a text model (convert/tokens.py)."""
     from wasi_compress.data import adapt_images, load_images, normalize, random_images
+    from wasi_compress.inputs import is_text_model
+
+    if is_text_model(loaded.model):
+        from wasi_compress.convert.tokens import calibration_token_batches
+
+        return calibration_token_batches(config, loaded.model, notes)
 
     c, h, w = loaded.input_size
     n = config.calib_batches * config.calib_batch_size
@@ -31,7 +38,11 @@ def calibration_batches(config, loaded: LoadedModel, notes: list[str]) -> list[t
 def evaluation_set(name: str, loaded: LoadedModel, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of `name`, fitted to the model's input and normalised, with its labels."""
     from wasi_compress.data import adapt_images, load_images, normalize
+    from wasi_compress.errors import UserError
+    from wasi_compress.inputs import is_text_model
 
+    if is_text_model(loaded.model):
+        raise UserError(f"--eval measures top-1 on images; {loaded.spec} is a text model")
     c, h, w = loaded.input_size
     ds = load_images(name, "test", size=(h, w))
     images, adapt_notes = adapt_images(ds.images, c, (h, w))

@@ -70,8 +70,10 @@ def convert(model: LoadedModel | nn.Module, config: ConvertConfig, on_progress: 
         raise TypeError(f"config must be a ConvertConfig, got {type(config).__name__}")
     progress = on_progress or (lambda *_: None)
     loaded = as_loaded(model, spec)
+    from wasi_compress.hf import model_folder
+
     check_paths({"MODEL": loaded.spec if Path(loaded.spec).is_file() else None}, output_paths(config),
-                data_folders(config))
+                {**data_folders(config), "MODEL": model_folder(loaded.spec)})
     device = resolve_device(config.device)
     source, prior_structure = source_of(loaded, source)
     if config.output and source is None:
@@ -121,9 +123,9 @@ def data_folders(config: ConvertConfig) -> dict[str, str | None]:
 
 
 def _example(loaded: LoadedModel, config: ConvertConfig, device) -> torch.Tensor:
-    from wasi_compress.inputs import example_input
+    from wasi_compress.inputs import model_example
 
-    return example_input(loaded.input_size, 2, seed=config.seed, device=device)
+    return model_example(loaded.model, 2, seed=config.seed, device=device, input_size=loaded.input_size)
 
 
 def _plan(work: nn.Module, config: ConvertConfig, x, calib, spec: str, progress):

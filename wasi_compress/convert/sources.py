@@ -30,6 +30,9 @@ def source_of(loaded: LoadedModel, source: dict | None) -> tuple[dict | None, li
         return {"arch": source["arch"], "num_classes": source.get("num_classes"), "img_size": source.get("img_size")}, prior
     if meta.get("source"):
         return dict(meta["source"]), prior
+    hf_source = getattr(loaded.model, "hf_source", None)
+    if isinstance(hf_source, dict):  # an hf: model records its class and config, not a path (hf.py)
+        return {**hf_source, "num_classes": loaded.num_classes, "img_size": None}, prior
     spec = loaded.spec
     if not is_architecture(spec):
         return None, prior
@@ -48,6 +51,7 @@ def merge_structure(converted: nn.Module, layers, prior: list[dict]) -> list[dic
     new rank; layers converted now get new entries."""
     from wasi_compress.checkpoint import module_location, structure_entry
     from wasi_compress.modules.lowrank_conv import LowRankConv2d
+    from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
     from wasi_compress.modules.subspace import SubspaceLinear
 
     by_location = {module_location(converted, entry): entry for entry in prior}
@@ -59,7 +63,7 @@ def merge_structure(converted: nn.Module, layers, prior: list[dict]) -> list[dic
             module = converted.get_submodule(location)
         except AttributeError:
             continue
-        if not isinstance(module, (SubspaceLinear, LowRankConv2d)):
+        if not isinstance(module, (SubspaceLinear, LowRankConv2d, LowRankEmbedding)):
             continue
         fresh = structure_entry(site, module)
         old = by_location.pop(location, None)

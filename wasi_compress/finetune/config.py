@@ -171,10 +171,11 @@ class FinetuneConfig:
 
     def _check_paths(self) -> None:
         """No output may overwrite an input or another output (the resume state is the run's own)."""
+        from wasi_compress.hf import model_folder
         from wasi_compress.outputs import check_paths
 
         check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights},
-                    self.output_paths(), data_folders={"--data": self.data})
+                    self.output_paths(), data_folders={"--data": self.data, "MODEL": model_folder(self.model)})
 
     def output_paths(self) -> dict[str, str | Path | None]:
         """Every file the run may write, by the flag that names it (None where not written)."""

@@ -32,8 +32,12 @@ def checkpoint_source(config, loaded, num_classes: int | None) -> dict[str, Any]
 
     # a checkpoint MODEL records its own classes; only a classifier reset here changes them
     recorded = num_classes if (num_classes is not None or loaded.metadata) else config.num_classes
-    return checkpoint_source(config.model, arch=config.arch, img_size=config.img_size, metadata=loaded.metadata,
-                             num_classes=recorded)
+    source = checkpoint_source(config.model, arch=config.arch, img_size=config.img_size, metadata=loaded.metadata,
+                               num_classes=recorded)
+    hf_source = getattr(loaded.model, "hf_source", None)
+    if source is None and isinstance(hf_source, dict):  # an hf: model records its class and config (hf.py)
+        source = {**hf_source, "num_classes": getattr(loaded.model, "num_classes", None), "img_size": None}
+    return source
 
 
 def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra) -> None:

@@ -22,6 +22,7 @@ from wasi_compress.errors import DivergedError, UserError
 from wasi_compress.finetune import distributed as dist_utils
 from wasi_compress.finetune.config import FinetuneConfig
 from wasi_compress.finetune.data import TrainingData, evaluate, permutation
+from wasi_compress.inputs import is_text_model
 from wasi_compress.finetune.document import checkpoint_source, document, write_checkpoint
 from wasi_compress.finetune.resume import (
     check_resume, compressor_state, load_compressor_state, load_resume, resume_path, save_resume,
@@ -96,6 +97,9 @@ class FinetuneRun:
             loaded = load_model(config.model, arch=config.arch, weights=config.weights, trust_pickle=config.trust_pickle,
                                 trust_code=config.trust_code,
                                 num_classes=config.num_classes, img_size=config.img_size)
+        if is_text_model(loaded.model):
+            raise UserError(f"{config.model} is a text model; finetune trains image classifiers on image data "
+                            "(analyze, convert and check take text models)")
         self.status("loading the data")
         self.data = TrainingData(config.data, loaded.input_size, loaded.mean, loaded.std, config.device)
         self.notes += self.data.notes

@@ -301,12 +301,12 @@ def memory_levers(model: nn.Module, batch_size: int, input_size, device: str = "
     """`lever_floors` of `model` at `batch_size` (random inputs and labels) for WASI trained by SGD with
     momentum 0.9 (optimizer-step rule): what `analyze --levers` adds to the analyze document."""
     from wasi_compress.finetune.config import FinetuneConfig
-    from wasi_compress.inputs import example_input
+    from wasi_compress.inputs import model_example
     from wasi_compress.passes.attention import ExplicitAttentionPass
 
     dense = copy.deepcopy(model).to(device)
     ExplicitAttentionPass()(dense)
-    x = example_input(tuple(input_size), batch_size, device=device)
+    x = model_example(model, batch_size, device=device, input_size=tuple(input_size))
     with torch.no_grad():
         classes = int(dense.eval()(x[:1]).shape[-1])
     y = torch.randint(0, classes, (batch_size,), generator=torch.Generator().manual_seed(0)).to(device)

@@ -55,7 +55,8 @@ def train_step(model: nn.Module, optimizer, x: Tensor, y: Tensor,
     optimizer.zero_grad(set_to_none=True)
     chunks_x, chunks_y = x.tensor_split(micro_batches), y.tensor_split(micro_batches)
     chunks = [(cx, cy) for cx, cy in zip(chunks_x, chunks_y) if len(cx)]
-    total, outs = x.new_zeros(()), []
+    # the loss is a float even when the inputs are token ids
+    total, outs = (x.new_zeros(()) if x.is_floating_point() else torch.zeros((), device=x.device)), []
     for i, (cx, cy) in enumerate(chunks):
         sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")  # DDP all-reduces on the last chunk only
         with (contextlib.nullcontext() if sync else model.no_sync()):

@@ -23,6 +23,7 @@ BLOCK_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 METHODS = ("wasi", "asi", "vanilla")
 OBJECTIVES = ("weight", "data")
 CONV_CHOICES = ("auto", "always", "never")
+ERROR_SCALES = ("auto", "layer", "model")
 ALLOCATORS = ("dp", "greedy")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -105,8 +106,12 @@ class LowRankConfig(TransformConfig):
     output error on calibration inputs, which `lowrank_` then needs). ``thresholds``: explained-variance
     thresholds whose ranks are candidates, beside ``rank_grid`` ranks up to break-even, rounded up to
     ``rank_multiple``. ``roles``: the linear roles that may change (the default filter). ``convs``: whether
-plain convolutions join the planner as low-rank convolutions ("auto": only when the linears alone cannot
-reach the budget; "always"; "never")."""
+    plain convolutions join the planner as low-rank convolutions ("auto": only when the linears alone
+    cannot reach the budget; "always"; "never"). ``embeddings``:
+    nn.Embedding tables are planner candidates too (low-rank E ~ A B). ``error_scale``: "layer" (each
+    layer's relative error), "model" (rescaled to estimate the model output's relative error, measured
+    on one calibration batch; needs objective "data"), or "auto" (model when an embedding is a
+    candidate under the data objective, else layer); see transforms/_sensitivity.py."""
 
     budget: str | int
     dtype: str = "float32"
@@ -118,6 +123,8 @@ reach the budget; "always"; "never")."""
     roles: tuple[str, ...] = ALL_ROLES
     seed: int = 0
     convs: str = "auto"  # low-rank convolutions: "auto" (when linears alone cannot fit), "always", "never"
+    embeddings: bool = True
+    error_scale: str = "auto"
     budget_bytes: int = field(init=False, repr=False, compare=False)
     tuple_fields: ClassVar[tuple[str, ...]] = ("thresholds", "roles")
 
@@ -129,6 +136,9 @@ reach the budget; "always"; "never")."""
         self.check_choice("allocator", ALLOCATORS)
         self.check_choice("objective", OBJECTIVES)
         self.check_choice("convs", CONV_CHOICES)
+        self.check_choice("error_scale", ERROR_SCALES)
+        if self.error_scale == "model" and self.objective != "data":
+            self.fail("error_scale", "model-scale errors are measured on calibration data: use objective 'data'")
         self.check_int("rank_multiple", 1)
         self.check_int("rank_grid", 0)
         self.check_int("seed", 0)

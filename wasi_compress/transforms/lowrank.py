@@ -8,7 +8,8 @@ the unfolded weight, with the same error measures) with ``config.convs="always"`
 most parameters); ``"never"`` keeps them dense. Parameters the transform does not change (embeddings,
 norms, convolutions, linears that are skipped or filtered out) are paid for first; the rest goes to the
 planner, which picks one candidate per linear: a rank k (``k (in + out)`` elements plus the bias) or the
-dense layer. Every candidate's error is relative to its own layer, so errors add up on one scale:
+dense layer; token embeddings are candidates too (``config.embeddings``: E ~ A B, see
+_lowrank_embeddings.py). Every candidate's error is relative to its own layer, so errors add up on one scale:
 ``objective="weight"``: ||W - W_k||_F / ||W||_F; ``objective="data"``: ||X W^T - X W_k^T||_F / ||X W^T||_F
 on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too."""
 
@@ -28,6 +29,10 @@ from wasi_compress.modules.lowrank_conv import LowRankConv2d
 from wasi_compress.transforms._lowrank_candidates import (
     Progress, SiteWeights, conv_sites, rank_candidates, site_weights, unsupported, whitenings_from,
 )
+from wasi_compress.transforms._lowrank_embeddings import (
+    counting_tokens, embedding_layers, embedding_spectrum, factor_embeddings, row_weights,
+)
+from wasi_compress.transforms._sensitivity import model_error_scales, rescale
 from wasi_compress.transforms.config import LowRankConfig
 from wasi_compress.marks import mark_module
 
@@ -95,21 +100,23 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     cap = capture(model, example)
     skipped = list(cap.skipped)
     layers = _selected(model, cap, config, filter_fn, elem, skipped)
+    embeddings = embedding_layers(model, skipped) if config.embeddings and filter_fn is None else []
     buffer_bytes = stored_bytes(model, dtype) - param_bytes(model, dtype)
+    calib = None if calib is None else list(calib)  # read more than once (spectra, probes, convolutions)
 
-    whitenings = _spectra(model, layers, config, calib, device, elem, progress)
-    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers]
-    fixed = _fixed_param_bytes(model, layers, dtype) + buffer_bytes
-    floor = smallest_feasible_budget(candidates) + fixed if layers else fixed
+    whitenings, token_weights = _candidates(model, layers, embeddings, config, calib, device, elem, progress)
+    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers + embeddings]
+    fixed = _fixed_param_bytes(model, layers + embeddings, dtype) + buffer_bytes
+    floor = smallest_feasible_budget(candidates) + fixed if candidates else fixed
     if config.convs == "always" or (config.convs == "auto" and config.budget_bytes < floor):
         convs = [site_weights(model, site, elem) for site in conv_sites(model, {layer.site.name for layer in layers})
                  if filter_fn is None or filter_fn(model.get_submodule(site.name), site.name)]
         whitenings.update(_spectra(model, convs, config, calib, device, elem, progress))
         layers = layers + convs
-        candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers]
-        fixed = _fixed_param_bytes(model, layers, dtype) + buffer_bytes
-        floor = smallest_feasible_budget(candidates) + fixed if layers else fixed
-    if not layers:
+        candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers + embeddings]
+        fixed = _fixed_param_bytes(model, layers + embeddings, dtype) + buffer_bytes
+        floor = smallest_feasible_budget(candidates) + fixed if candidates else fixed
+    if not candidates:
         raise UserError("no linear layer to convert" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
     fixed_param = fixed - buffer_bytes
     progress(len(layers), len(layers), "planning")
@@ -126,13 +133,50 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     ranks = {name: c.rank for name, c in chosen}
     to_replace = [layer for layer in layers if ranks[layer.site.name] not in (None, layer.current_rank)]
     target = _factor(model, cap, to_replace, ranks, whitenings, progress, ReplaceLinearsPass, copy_model_attributes)
+    factor_embeddings(target, embeddings, ranks, token_weights)
     if dtype != torch.float32:
         _round_trip_dtype(target, dtype)  # compute with exactly the weights a checkpoint stores
     total = param_bytes(target, dtype)
     if total > fixed_param + the_plan.total_cost_bytes:  # the accounting and the model must agree
         raise AssertionError(f"planned {fixed_param + the_plan.total_cost_bytes} bytes, the model has {total}")
-    return LowRankPlan(target, the_plan, layers, chosen, fixed_param, buffer_bytes, floor,
+    return LowRankPlan(target, the_plan, layers + embeddings, chosen, fixed_param, buffer_bytes, floor,
                        config.budget_bytes - fixed, total, skipped, cap)
+
+
+def _candidates(model, layers, embeddings, config, calib, device, elem, progress):
+    """Each layer's rank candidates from its spectrum: of the weight, or with the data objective of the
+    whitened weight (linears) or the token-weighted table (embeddings), from one calibration pass."""
+    whitenings, token_weights = {}, {}
+    if config.objective == "data":
+        if calib is None:
+            raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
+        calib = list(calib)  # read twice: the calibration pass, then the model-scale probe
+        with counting_tokens(model, embeddings) as counts:
+            whitenings = whitenings_from(model, layers, calib, device, progress)
+        token_weights = {layer.site.name: row_weights(counts[layer.site.name],
+                                                      model.get_submodule(layer.site.name).padding_idx)
+                         for layer in embeddings}
+    for layer in embeddings:
+        progress(0, len(embeddings), f"spectrum of {layer.site.name}")
+        s = embedding_spectrum(layer, token_weights.get(layer.site.name))
+        layer.candidates = rank_candidates(layer, s, config, elem)
+    for i, layer in enumerate(layers):
+        progress(i, len(layers), f"spectrum of {layer.site.name}")
+        wh = whitenings.get(layer.site.name)
+        s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
+        layer.candidates = rank_candidates(layer, s, config, elem)
+    if model_scale(config, embeddings):
+        batch = next(iter(calib)).to(device)
+        rescale(layers + embeddings, model_error_scales(model, layers + embeddings, batch, whitenings, token_weights,
+                                                        progress))
+    return whitenings, token_weights
+
+
+def model_scale(config: LowRankConfig, embeddings: list) -> bool:
+    """Whether errors are on the model's scale (config.error_scale, "auto" resolved)."""
+    if config.error_scale == "auto":
+        return config.objective == "data" and bool(embeddings)
+    return config.error_scale == "model"
 
 
 def _selected(model, cap, config, filter_fn, elem, skipped) -> list[SiteWeights]:
