@@ -111,6 +111,7 @@ def test_energy_rank():
 # ------------------------------------------------------------------------------------------- shrinkage
 
 
+@pytest.mark.slow
 def test_shrinkage_matches_ledoit_wolf_and_vanishes_with_many_rows():
     covariance = pytest.importorskip("sklearn.covariance")
     g = torch.Generator().manual_seed(0)
@@ -207,6 +208,7 @@ def _jactus(retain=0.8, **kwargs):
     return model, plan
 
 
+@pytest.mark.slow
 def test_transform_keeps_the_budget_and_is_deterministic():
     original = stored_params(TinyBlockNet())
     model, plan = _jactus(0.8)
@@ -223,11 +225,13 @@ def test_transform_keeps_the_budget_and_is_deterministic():
         f"blocks.{i}.{k}.{t}" for i in range(2) for k in ("fc1", "fc2") for t in ("C", "bias")]
 
 
+@pytest.mark.slow
 def test_transform_refuses_a_calibration_set_too_small():
     with pytest.raises(UserError, match="too small for JACTUS: 6 rows .* fewer than the 16 features"):
         jactus_(TinyBlockNet(), JactusConfig(roles=("fc1", "fc2")), calib=_calib(1, batch=1))
 
 
+@pytest.mark.slow
 def test_transform_refuses_an_infeasible_retain():
     with pytest.raises(UserError, match="smallest feasible retained share"):
         _jactus(0.01)
@@ -261,3 +265,27 @@ def test_checkpoint_reloads_and_exports_to_onnx(tmp_path):
         diff = export_onnx(reloaded, x, tmp_path / "j.onnx", outputs, tolerance=1e-4, opset=17, notes=[])
         outputs.commit()
     assert diff <= 1e-4 and (tmp_path / "j.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_command_with_jactus(cli, tmp_path):
+    """`finetune --method jactus --retain 80%`: the checkpoint holds at most 80% of the parameters, reloads as
+    MODEL with the same outputs as the trained model, and the document and report carry the plan."""
+    import json
+
+    from wasi_compress.loading import load_model
+
+    out, doc_path = tmp_path / "j.safetensors", tmp_path / "j.json"
+    result = cli("finetune", "vit_models:tiny_timm_vit", "--data", "digits", "--method", "jactus", "--retain", "80%",
+                 "--epochs", "1", "--calib-batches", "2", "-o", out, "--json", doc_path, "--report", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "JACTUS" in result.output and "exact DP" in result.output
+    doc = json.loads(doc_path.read_text())
+    plan = doc["jactus"]
+    assert doc["method"] == "jactus" and plan["result_params"] <= 0.8 * plan["original_params"]
+    assert {layer["role"] for layer in plan["layers"]} == {"qkv", "proj", "fc1", "fc2"}
+    assert all(k in plan["layers"][0]["chosen"] for k in ("k_w", "k_i", "k_o", "k_left", "k_right", "weight_energy"))
+    loaded = load_model(str(out), trust_code=True)
+    assert isinstance(loaded.model.blocks[0].attn.qkv, JactusLinear)
+    assert stored_params(loaded.model) == plan["result_params"]
+    assert (tmp_path / "r" / "finetune-jactus-ranks.png").is_file()
