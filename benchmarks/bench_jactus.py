@@ -142,7 +142,39 @@ def main() -> int:
                         print(f"{task} {row} seed {seed}: {record['accuracy']:.2%} ({record['minutes']:.1f} min)",
                               file=sys.stderr, flush=True)
     print_table(done, tasks, rows, seeds)
+    if any(r.startswith("jactus-80") for r in rows):
+        print("\n" + checkpoint_check(0.8))
     return 0
+
+
+def checkpoint_check(retain: float = 0.8) -> str:
+    """The deployable form at `retain`, on digits: checkpoint bytes beside the original's, reload as MODEL,
+    ONNX parity with onnxruntime (the structure does not depend on training, so no run is repeated)."""
+    from wasi_compress.checkpoint import stored_bytes
+    from wasi_compress.finetune.data import TrainingData
+    from wasi_compress.loading import load_model
+    from wasi_compress.onnx_export import export_onnx
+    from wasi_compress.outputs import Outputs
+    from wasi_compress.transforms import JactusConfig, jactus_, load, save
+
+    loaded = load_model(MODEL)
+    data = TrainingData("digits", loaded.input_size, loaded.mean, loaded.std, "cpu")
+    original = stored_bytes(loaded.model, torch.float32)
+    batches = [(data.batch(data.train.images[i:i + 64]), data.train.labels[i:i + 64]) for i in range(0, 256, 64)]
+    jactus_(loaded.model, JactusConfig(retain=retain), calib=batches)
+    with tempfile.TemporaryDirectory(prefix="bench_jactus_ckpt_") as tmp:
+        path = save(loaded.model, Path(tmp) / "j.safetensors", arch=MODEL)
+        reloaded = load(path)
+        x = batches[0][0][:8]
+        same = torch.allclose(reloaded(x), loaded.model.eval()(x), atol=1e-5)
+        with Outputs() as outputs:
+            diff = export_onnx(reloaded, x, Path(tmp) / "j.onnx", outputs, tolerance=1e-4, opset=17, notes=[])
+            outputs.commit()
+        size = Path(path).stat().st_size
+    stored = stored_bytes(reloaded, torch.float32)
+    return (f"checkpoint at {retain:.0%}: {stored:,} parameter bytes of the original's {original:,} "
+            f"({stored / original:.3f}; file {size:,} bytes with its metadata); reloads as MODEL with the same outputs: "
+            f"{'yes' if same else 'NO'}; ONNX max abs difference from torch {diff:.2e}")
 
 
 def read_runs(path: Path) -> dict:
