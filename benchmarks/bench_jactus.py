@@ -133,6 +133,7 @@ def main() -> int:
                 data = "digits" if task == "digits" else str(build_mnist_rot(work / "mnist-rot"))
                 for row in rows:
                     for seed in seeds:
+                        done.update(read_runs(runs))  # another invocation may have run it meanwhile
                         if (task, row, seed) in done:
                             continue
                         record = {"task": task, "row": row, "seed": seed, **run_row(row, seed, data, data, work)}
