@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -188,6 +189,9 @@ def read_runs(path: Path) -> dict:
 def print_table(done: dict, tasks, rows, seeds) -> None:
     print(f"# bench_jactus: {MODEL}, 5 epochs, batch 64, seeds {seeds}; SGD momentum 0.9 lr 0.01 cosine for every "
           f"row; torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}")
+    print("# step times were measured on a machine shared with other jobs (load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when this table was printed): compare them only roughly; "
+          "the step peak is measured on seed 0's run")
     for task in tasks:
         print(f"\n## {task}")
         print(f"{'row':10} " + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
@@ -195,15 +199,21 @@ def print_table(done: dict, tasks, rows, seeds) -> None:
         means = {}
         for row in rows:
             recs = [done.get((task, row, s)) for s in seeds]
-            if not all(recs):
-                print(f"{row:10} (not run: {sum(r is None for r in recs)} of {len(seeds)} seeds missing)")
+            ran = [r for r in recs if r]
+            if not ran:
+                print(f"{row:10} (not run)")
                 continue
-            accs = [r["accuracy"] * 100 for r in recs]
-            means[row] = statistics.mean(accs)
-            r0 = recs[0]
-            print(f"{row:10} " + " ".join(f"{a:7.2f}" for a in accs) + f" {means[row]:7.2f} {r0['deployed_params']:16,d} "
-                  f"{r0['deployed_params'] / r0['original_params']:10.3f} {r0['peak_bytes'] / 1e6:7.1f} MB "
-                  f"{statistics.median(r['step_s'] for r in recs) * 1000:8.0f} ms")
+            accs = [r["accuracy"] * 100 for r in ran]
+            mean = statistics.mean(accs)
+            if len(ran) == len(seeds):
+                means[row] = mean
+            r0 = ran[0]
+            peak = next((r["peak_bytes"] for r in ran if r.get("peak_bytes")), None)
+            print(f"{row:10} " + " ".join(f"{r['accuracy'] * 100:7.2f}" if r else f"{'-':>7}" for r in recs)
+                  + f" {mean:7.2f} {r0['deployed_params']:16,d} {r0['deployed_params'] / r0['original_params']:10.3f} "
+                  + (f"{peak / 1e6:7.1f} MB " if peak else f"{'n/a':>10} ")
+                  + f"{statistics.median(r['step_s'] for r in ran) * 1000:8.0f} ms"
+                  + ("" if len(ran) == len(seeds) else f"  (mean of {len(ran)} seed{'s' * (len(ran) > 1)} only)"))
         for row in rows:
             r0 = done.get((task, row, seeds[0]))
             if r0 and "greedy_gain" in r0:
