@@ -72,8 +72,9 @@ def run_row(row: str, seed: int, data: str, calib: str, work: Path) -> dict:
         config = FinetuneConfig(model=str(converted), method="vanilla", **base)
     elif row == "wasi":
         config = FinetuneConfig(model=MODEL, method="wasi", **base)
-    elif row.startswith("jactus-"):
-        config = FinetuneConfig(model=MODEL, method="jactus", retain=f"{row[7:]}%", **base)
+    elif row.startswith("jactus-"):  # jactus-80, or jactus-80-lr0.03 (a diagnosis row at another peak lr)
+        retain, _, lr = row[7:].partition("-lr")
+        config = FinetuneConfig(model=MODEL, method="jactus", retain=f"{retain}%", lr=float(lr) if lr else None, **base)
     else:
         raise ValueError(f"unknown row {row!r}")
     started = time.perf_counter()
