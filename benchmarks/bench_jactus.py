@@ -58,6 +58,8 @@ def run_row(row: str, seed: int, data: str, calib: str, work: Path) -> dict:
 
     # the step is measured once per row (seed 0): the machine is shared, and the peak does not depend on the seed
     base = dict(data=data, epochs=5, batch_size=64, seed=seed, measure_memory=seed == SEEDS[0])
+    row, _, lr = row.partition("-lr")  # e.g. lora-lr0.03: a row at another peak learning rate
+    base["lr"] = float(lr) if lr else None
     loaded, extra = None, {}
     if row == "vanilla":
         config = FinetuneConfig(model=MODEL, method="vanilla", **base)
@@ -66,15 +68,14 @@ def run_row(row: str, seed: int, data: str, calib: str, work: Path) -> dict:
         extra["trainable"] = add_adapters(loaded.model, dora=row == "dora")
         config = FinetuneConfig(model=MODEL, method="vanilla", **base)
     elif row.startswith("ctf-"):
-        converted = work / f"ctf-{row[4:]}-{Path(calib).name}.safetensors"
+        converted = work / f"ctf-{row[4:]}-{Path(calib).name}-{seed}.safetensors"
         if not converted.exists():
             convert_at(float(row[4:]) / 100, calib, converted)
         config = FinetuneConfig(model=str(converted), method="vanilla", **base)
     elif row == "wasi":
         config = FinetuneConfig(model=MODEL, method="wasi", **base)
-    elif row.startswith("jactus-"):  # jactus-80, or jactus-80-lr0.03 (a diagnosis row at another peak lr)
-        retain, _, lr = row[7:].partition("-lr")
-        config = FinetuneConfig(model=MODEL, method="jactus", retain=f"{retain}%", lr=float(lr) if lr else None, **base)
+    elif row.startswith("jactus-"):
+        config = FinetuneConfig(model=MODEL, method="jactus", retain=f"{row[7:]}%", **base)
     else:
         raise ValueError(f"unknown row {row!r}")
     started = time.perf_counter()

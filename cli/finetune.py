@@ -110,8 +110,8 @@ def render_jactus(plan: dict, console) -> None:
               "plans per-layer Tucker ranks on a calibration batch.")
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across DDP processes).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.01 for sgd with momentum, 0.05 "
-              "without, 3e-4 for adamw]; "
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.01 for sgd with momentum (0.03 for "
+              "jactus, which trains only its cores), 0.05 without, 3e-4 for adamw]; "
               "subspace-iteration layers use it for their in-backward SGD update.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,

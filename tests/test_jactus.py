@@ -289,3 +289,12 @@ def test_finetune_command_with_jactus(cli, tmp_path):
     assert isinstance(loaded.model.blocks[0].attn.qkv, JactusLinear)
     assert stored_params(loaded.model) == plan["result_params"]
     assert (tmp_path / "r" / "finetune-jactus-ranks.png").is_file()
+
+
+def test_jactus_default_learning_rate():
+    from wasi_compress.finetune import FinetuneConfig
+
+    assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="jactus").effective_lr == 0.03
+    assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="jactus", lr=0.01).effective_lr == 0.01
+    assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="jactus", momentum=0).effective_lr == 0.05
+    assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="vanilla").effective_lr == 0.01
