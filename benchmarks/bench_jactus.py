@@ -1,7 +1,8 @@
 """JACTUS beside its peers (issue 9): builtin:mnist-vit fine-tuned for 5 epochs at batch 64, seeds 0, 1, 2,
 on the two tasks of bench_transfer.py (digits; mnist-rot, built by its `build_mnist_rot`).
 
-Rows (every one through the finetune job, SGD momentum 0.9 at lr 0.01, cosine, the command's defaults):
+Rows (every one through the finetune job at the command's defaults: SGD momentum 0.9, cosine, peak lr 0.01,
+0.03 for jactus; a row named ROW-lrX ran at peak lr X, e.g. jactus-80-lr0.01, lora-lr0.03):
 - vanilla: full fine-tuning;
 - lora, dora: peft adapters (rank 8, lora_alpha 16, no dropout) on every block linear (qkv, proj, fc1,
   fc2), the head trainable, everything else frozen; deployed merged, so at the original size;
@@ -89,7 +90,7 @@ def run_row(row: str, seed: int, data: str, calib: str, work: Path) -> dict:
         j = doc["jactus"]
         extra.update(greedy_gain=j["greedy"]["total_gain"], dp_gain=j["dp"]["total_gain"],
                      greedy_params=j["greedy"]["total_params"], dp_params=j["dp"]["total_params"])
-    return {"accuracy": doc["final"]["accuracy"], "deployed_params": deployed,
+    return {"accuracy": doc["final"]["accuracy"], "deployed_params": deployed, "lr": config.effective_lr,
             "original_params": stored_params(load_model(MODEL).model),
             "peak_bytes": (doc["memory"] or {}).get("peak_bytes"), "step_s": doc["step_time_median_s"],
             "minutes": (time.perf_counter() - started) / 60, **extra}
@@ -189,8 +190,9 @@ def read_runs(path: Path) -> dict:
 
 
 def print_table(done: dict, tasks, rows, seeds) -> None:
-    print(f"# bench_jactus: {MODEL}, 5 epochs, batch 64, seeds {seeds}; SGD momentum 0.9 lr 0.01 cosine for every "
-          f"row; torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}")
+    print(f"# bench_jactus: {MODEL}, 5 epochs, batch 64, seeds {seeds}; SGD momentum 0.9, cosine, peak lr 0.01 "
+          f"(0.03 for jactus), ROW-lrX at peak lr X; torch {torch.__version__}, 1 thread, "
+          f"{platform.processor() or platform.machine()}")
     print("# step times were measured on a machine shared with other jobs (load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when this table was printed): compare them only roughly; "
           "the step peak is measured on seed 0's run")
@@ -221,6 +223,12 @@ def print_table(done: dict, tasks, rows, seeds) -> None:
             if r0 and "greedy_gain" in r0:
                 print(f"{row}: greedy allocation gain {r0['greedy_gain']:.4f} in {r0['greedy_params']:,} parameters; "
                       f"exact DP on the same candidates {r0['dp_gain']:.4f} in {r0['dp_params']:,}")
+        partial = {row: statistics.mean(r["accuracy"] * 100 for s in seeds if (r := done.get((task, row, s))))
+                   for row in rows if any(done.get((task, row, s)) for s in seeds)}
+        peers = [row for row in ("lora-lr0.03", "ctf-80-lr0.03") if row in partial]
+        if "jactus-80" in means and peers:
+            print("the peers at jactus's peak lr 0.03 (mean of the seeds run): "
+                  + ", ".join(f"{row} {partial[row]:.2f}" for row in peers) + f"; jactus-80 {means['jactus-80']:.2f}")
         if {"jactus-80", "lora", "ctf-80"} <= set(means):
             verdict = means["jactus-80"] >= max(means["lora"], means["ctf-80"])
             print(f"done-when (jactus-80 mean >= lora and >= ctf-80): {'holds' if verdict else 'MISSED'} "
