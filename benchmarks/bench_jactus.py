@@ -198,14 +198,14 @@ def print_table(done: dict, tasks, rows, seeds) -> None:
           "the step peak is measured on seed 0's run")
     for task in tasks:
         print(f"\n## {task}")
-        print(f"{'row':10} " + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+        print(f"{'row':17} " + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
               + f" {'mean':>7} {'deployed params':>16} {'x original':>10} {'step peak':>10} {'median step':>11}")
         means = {}
         for row in rows:
             recs = [done.get((task, row, s)) for s in seeds]
             ran = [r for r in recs if r]
             if not ran:
-                print(f"{row:10} (not run)")
+                print(f"{row:17} (not run)")
                 continue
             accs = [r["accuracy"] * 100 for r in ran]
             mean = statistics.mean(accs)
@@ -213,7 +213,7 @@ def print_table(done: dict, tasks, rows, seeds) -> None:
                 means[row] = mean
             r0 = ran[0]
             peak = next((r["peak_bytes"] for r in ran if r.get("peak_bytes")), None)
-            print(f"{row:10} " + " ".join(f"{r['accuracy'] * 100:7.2f}" if r else f"{'-':>7}" for r in recs)
+            print(f"{row:17} " + " ".join(f"{r['accuracy'] * 100:7.2f}" if r else f"{'-':>7}" for r in recs)
                   + f" {mean:7.2f} {r0['deployed_params']:16,d} {r0['deployed_params'] / r0['original_params']:10.3f} "
                   + (f"{peak / 1e6:7.1f} MB " if peak else f"{'n/a':>10} ")
                   + f"{statistics.median(r['step_s'] for r in ran) * 1000:8.0f} ms"
