@@ -63,15 +63,43 @@ def render(doc: dict, console) -> None:
         console.print(f"activation plan: {format_bytes(planning.get('total_cost_bytes', 0))} of "
                       f"{format_bytes(planning.get('budget_bytes', 0))} budget, total relative gradient error "
                       f"{planning.get('total_error', 0):.3f}")
+    if doc.get("jactus"):
+        render_jactus(doc["jactus"], console)
     for note in doc.get("notes", []):
         console.print(f"[yellow]note:[/] {plain(note)}", highlight=False)
+
+
+def render_jactus(plan: dict, console) -> None:
+    """Per layer the truncation ranks, the union ranks and what they keep; the allocation beside the DP's."""
+    table = Table(title="JACTUS: ranks per layer (k_w weight, k_i input, k_o gradient; union Q_L x Q_R)",
+                  title_justify="left")
+    for column in ("layer", "role", "k_w", "k_i", "k_o", "Q_L", "Q_R", "params", "weight energy", "gradient energy"):
+        table.add_column(column, justify="left" if column in ("layer", "role") else "right")
+    for layer in plan["layers"]:
+        c = layer["chosen"]
+        table.add_row(plain(layer["name"]), layer["role"], str(c["k_w"]), str(c["k_i"]), str(c["k_o"]), str(c["k_left"]),
+                      str(c["k_right"]), f"{c['params']:,}", f"{c['weight_energy']:.3f}", f"{c['gradient_energy']:.3f}")
+    console.print(table)
+    line = f"JACTUS: {plan['result_params']:,} of {plan['original_params']:,} parameters kept ({plan['retained']:.1%})"
+    if plan.get("greedy"):
+        g, d = plan["greedy"], plan["dp"]
+        line += (f"; greedy allocation gain {g['total_gain']:.4f} in {g['total_params']:,} parameters, exact DP on the "
+                 f"same candidates {d['total_gain']:.4f} in {d['total_params']:,} ({plan['applied']} applied)")
+    console.print(line, highlight=False)
 
 
 @click.command("finetune")
 @model_options
 @click.option("--data", required=True, help="mnist, digits, or an image folder (one subfolder per class).")
-@click.option("--method", type=click.Choice(["wasi", "asi", "vanilla"]), default="wasi", show_default=True,
-              help="wasi: weight subspace + compressed activations; asi: compressed activations; vanilla: ordinary.")
+@click.option("--method", type=click.Choice(["wasi", "asi", "vanilla", "jactus"]), default="wasi", show_default=True,
+              help="wasi: weight subspace + compressed activations; asi: compressed activations; vanilla: ordinary; "
+                   "jactus: compress to --retain and adapt in one go (task-aware union subspaces, only the cores train).")
+@click.option("--retain", default=None, help="jactus: the share of the model's parameters to keep, e.g. 80% or 0.8 "
+              "[default: 80%].")
+@click.option("--budget", default=None, help="jactus: bytes of all parameters of the result in float32 (units as "
+              "convert's --budget, e.g. 8MB), instead of --retain.")
+@click.option("--calib-batches", type=int, default=4, show_default=True,
+              help="jactus: training batches its input and gradient covariances are estimated on.")
 @click.option("--update", type=click.Choice(["subspace-iteration", "optimizer-step", "factored"]), default="optimizer-step",
               show_default=True, help="WASI training rule: optimizer-step: L, R stepped by the optimizer and re-orthonormalised "
                    "(momentum, AdamW, DDP); or the paper's subspace iteration inside backward (plain SGD). 'factored' is the "
@@ -84,8 +112,8 @@ def render(doc: dict, console) -> None:
               "plans per-layer Tucker ranks on a calibration batch.")
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across DDP processes).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.01 for sgd with momentum, 0.05 "
-              "without, 3e-4 for adamw]; "
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.01 for sgd with momentum (0.03 for "
+              "jactus, which trains only its cores), 0.05 without, 3e-4 for adamw]; "
               "subspace-iteration layers use it for their in-backward SGD update.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
@@ -113,7 +141,8 @@ def render(doc: dict, console) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and plots here.")
 @device_option
 @wraps_user_errors
-def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, data, method, update, threshold,
+def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, data, method, retain, budget,
+            calib_batches, update, threshold,
             activation_threshold, activation_budget, epochs, batch_size, lr, optimizer, schedule, momentum, weight_decay,
             step_in_backward, memory_budget, micro_batches, recompute, finetune_last, frozen_dtype, allow_unchanged, seed, resume, output, json_path,
             report_dir, device):
@@ -134,7 +163,8 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
         step_in_backward=step_in_backward, memory_budget=memory_budget, micro_batches=micro_batches,
         recompute=recompute, finetune_last=finetune_last, frozen_dtype=frozen_dtype, allow_unchanged=allow_unchanged, seed=seed, resume=resume, output=output,
         json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
-        trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size)
+        trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size,
+        retain=retain, budget=budget, calib_batches=calib_batches)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"), TimeElapsedColumn(),

@@ -235,8 +235,10 @@ def _roles_and_blocks(gm: fx.GraphModule | None, sites: list[LinearSite], model:
             _structure_of_parts(child, f"{name}.", hidden, roles, blocks)
     from_names = 0
     for site in sites:
-        if site.name in roles:
+        if site.name in roles and not (roles[site.name] in ("other", "head") and site.role in _BLOCK_ROLES):
             site.role, site.block = roles[site.name], blocks.get(site.name)
+        elif site.name in roles:  # the graph saw no block role where the name names one (HF BERT's output.dense)
+            site.block = block_of(site.name)
         else:
             from_names += 1
             site.block = block_of(site.name) if site.role in _BLOCK_ROLES else None

@@ -62,7 +62,7 @@ def test_config_round_trips_and_validates():
 
 # each bad setting is refused with its own message (naming the setting, the bad value, what is allowed)
 BAD_SETTINGS = [
-    ({"method": "lora"}, r"method must be one of wasi, asi, vanilla, got 'lora'"),
+    ({"method": "lora"}, r"method must be one of wasi, asi, vanilla, jactus, got 'lora'"),
     ({"update": "adam"}, r"update must be one of .*subspace-iteration.*, got 'adam'"),
     ({"threshold": 0.0}, r"threshold must be in \(0, 1\], got 0\.0"),
     ({"threshold": 1.5}, r"threshold must be in \(0, 1\], got 1\.5"),
@@ -81,6 +81,15 @@ BAD_SETTINGS = [
     ({"method": "vanilla", "activation_budget": "1MB"}, r"activation.budget needs .*wasi or asi"),
     ({"step_in_backward": "yes"}, r"step.in.backward must be true, false or null \(where it can run\), got 'yes'"),
     ({"data": ""}, r"data is empty"),
+    ({"method": "jactus", "retain": "120%"}, r"--retain: must be in \(0, 100%\], got '120%'"),
+    ({"method": "jactus", "retain": 0}, r"--retain: must be in \(0, 100%\], got 0"),
+    ({"method": "jactus", "retain": "most"}, r"--retain: expected a fraction such as 0.8 or a percentage"),
+    ({"method": "jactus", "retain": "80%", "budget": "5MB"}, r"--retain: give retain or budget, not both"),
+    ({"method": "jactus", "budget": "lots"}, r"--budget.*cannot read 'lots'"),
+    ({"method": "wasi", "retain": "80%"}, r"--retain applies to --method jactus only"),
+    ({"method": "vanilla", "budget": "5MB"}, r"--budget applies to --method jactus only"),
+    ({"method": "jactus", "calib_batches": 0}, r"--calib-batches must be an integer >= 1, got 0"),
+    ({"method": "jactus", "memory_budget": "100MB"}, r"--memory-budget cannot be combined with --method jactus"),
 ]
 
 

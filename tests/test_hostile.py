@@ -615,6 +615,18 @@ HOSTILE = {
     "finetune --frozen-dtype beside --memory-budget": (
         f"finetune {T} {FT} --finetune-last 1 --frozen-dtype bfloat16 --memory-budget 1MB", ["--memory-budget"]),
     "finetune a negative number of epochs": (f"finetune {T} --data digits --epochs -1", ["epochs"]),
+    # ---- JACTUS: a retained share outside (0, 100%], a share without its method, too few calibration rows
+    "finetune jactus retaining 0%": (f"finetune {T} {FT} --method jactus --retain 0%", ["--retain", "(0, 100%]"]),
+    "finetune jactus retaining 120%": (f"finetune {T} {FT} --method jactus --retain 120%", ["--retain", "(0, 100%]"]),
+    "finetune jactus retaining a word": (f"finetune {T} {FT} --method jactus --retain most", ["--retain"]),
+    "finetune jactus with both --retain and --budget": (f"finetune {T} {FT} --method jactus --retain 80% --budget 1MB",
+                                                        ["not both"]),
+    "finetune --retain with method wasi": (f"finetune {T} {FT} --retain 80%", ["--retain", "--method jactus"]),
+    "finetune --budget with method vanilla": (f"finetune {T} {FT} --method vanilla --budget 1MB", ["--budget"]),
+    "finetune jactus on a calibration set too small": (f"finetune {T} {FT} --method jactus --batch-size 1 "
+                                                       "--calib-batches 1", ["too small", "--calib-batches"]),
+    "finetune jactus under an infeasible budget": (f"finetune {T} {FT} --method jactus --budget 1KB",
+                                                   ["smallest feasible"]),
     "convert a rank multiple of 0": (f"convert {T} {CV} --rank-multiple 0", ["rank-multiple"]),
     "convert 0 calibration batches": (f"convert {T} {CV} --calib-batches 0", ["calib-batches"]),
     "check a batch size of 0": ("check w.safetensors --batch-size 0 --max-size 1MB", ["--batch-size"]),

@@ -8,8 +8,8 @@ from wasi_compress import _compat  # noqa: F401  (must run before anything impor
 
 __version__ = "0.1.0"
 
-_TRANSFORMS = ("ConfigError", "LowRankConfig", "LowRankPlan", "TrainingHandle", "WasiConfig", "apply_", "load",
-               "lowrank_", "prepare_training_", "register_transform", "save", "to_inference_")
+_TRANSFORMS = ("ConfigError", "JactusConfig", "JactusPlan", "LowRankConfig", "LowRankPlan", "TrainingHandle", "WasiConfig",
+               "apply_", "jactus_", "load", "lowrank_", "prepare_training_", "register_transform", "save", "to_inference_")
 _JOBS = {"convert": "wasi_compress.convert", "ConvertConfig": "wasi_compress.convert",
          "ConvertResult": "wasi_compress.convert", "finetune": "wasi_compress.finetune",
          "FinetuneConfig": "wasi_compress.finetune", "FinetuneResult": "wasi_compress.finetune"}

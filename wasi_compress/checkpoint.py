@@ -10,7 +10,8 @@ the same bytes) with
   "builtin:<name>" | "package.module:factory" | "hf:<ModelClass>", "num_classes": int | null, "img_size":
   int | null}``; an ``hf:`` source adds ``hf_config`` (the transformers config, JSON) and ``seq_len``;
 - ``structure``: one entry per replaced linear site, ``{"name", "kind": "module" | "functional",
-  "module": "subspace", "rank", "bias", "in_features", "out_features"}``; ``name`` is the site's name in
+  "module": "subspace" | "jactus", "rank", "bias", "in_features", "out_features"}``, and for ``jactus``
+  (a JactusLinear: Q_L, C, Q_R) ``rank_in`` too: ``rank`` is k_L, ``rank_in`` k_R; ``name`` is the site's name in
   the source architecture (module qualname, or the weight's qualname for a functional linear); a token
   embedding factored as E ~ A B has ``"module": "embedding"``, ``in_features`` its vocabulary and
   ``out_features`` its width;
@@ -40,6 +41,7 @@ from wasi_compress.architectures import build_architecture, builtin_architecture
 from wasi_compress.errors import UserError
 from wasi_compress.fileio import atomic_path
 from wasi_compress.inputs import data_config, model_example
+from wasi_compress.modules.jactus import JactusLinear
 from wasi_compress.modules.lowrank_conv import LowRankConv2d, factorable_conv
 from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
 from wasi_compress.modules.subspace import SubspaceLinear
@@ -50,7 +52,9 @@ FORMAT = "wasi-compress/checkpoint/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESERVED = ("format", "toolkit_version", "source", "structure", "dtype", "aliases", "explicit_attention")
 _STRUCTURE_KEYS = ("name", "kind", "module", "rank", "bias", "in_features", "out_features")
-_MODULE_KINDS = {"subspace": SubspaceLinear, "lowrank_conv": LowRankConv2d, "embedding": LowRankEmbedding}
+_MODULE_KINDS = {"subspace": SubspaceLinear, "lowrank_conv": LowRankConv2d, "embedding": LowRankEmbedding,
+                 "jactus": JactusLinear}
+_FACTORED = (SubspaceLinear, JactusLinear)
 
 # Attributes of the source model that describe its input; copied onto a GraphModule that replaces it.
 _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_size", "token_input", "hf_source",
@@ -58,9 +62,9 @@ _MODEL_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "default_input_s
 
 
 def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:
-    """The structure entry of a site replaced by a SubspaceLinear, of a convolution replaced by a
-    LowRankConv2d (kind "module", in_features its unfolded patch I k k), or of an embedding replaced by a
-    LowRankEmbedding (``in_features``: its vocabulary, ``out_features``: its width)."""
+    """The structure entry of a site replaced by a SubspaceLinear or a JactusLinear, of a convolution
+    replaced by a LowRankConv2d (kind "module", in_features its unfolded patch I k k), or of an embedding
+    replaced by a LowRankEmbedding (``in_features``: its vocabulary, ``out_features``: its width)."""
     if isinstance(module, LowRankConv2d):
         return {"name": site.name, "kind": "module", "module": "lowrank_conv", "rank": int(module.rank),
                 "bias": module.second.bias is not None, "in_features": int(module.in_features),
@@ -68,11 +72,14 @@ def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:
     if isinstance(module, LowRankEmbedding):
         return {"name": site.name, "kind": "module", "module": "embedding", "rank": int(module.rank), "bias": False,
                 "in_features": module.num_embeddings, "out_features": module.embedding_dim}
-    if not isinstance(module, SubspaceLinear):
-        raise TypeError(f"{site.name}: only SubspaceLinear modules are recorded, got {type(module).__name__}")
-    return {"name": site.name, "kind": site.kind, "module": "subspace", "rank": int(module.rank),
-            "bias": module.bias is not None, "in_features": int(module.in_features),
-            "out_features": int(module.out_features)}
+    if not isinstance(module, _FACTORED):
+        raise TypeError(f"{site.name}: only SubspaceLinear and JactusLinear modules are recorded, got {type(module).__name__}")
+    entry = {"name": site.name, "kind": site.kind, "module": "subspace", "rank": int(module.rank),
+             "bias": module.bias is not None, "in_features": int(module.in_features),
+             "out_features": int(module.out_features)}
+    if isinstance(module, JactusLinear):
+        entry.update(module="jactus", rank_in=int(module.rank_in))
+    return entry
 
 
 def module_location(model: nn.Module, entry: dict[str, Any]) -> str:
@@ -81,7 +88,7 @@ def module_location(model: nn.Module, entry: dict[str, Any]) -> str:
     if entry["kind"] == "module":
         return entry["name"]
     try:
-        if isinstance(model.get_submodule(entry["name"]), SubspaceLinear):
+        if isinstance(model.get_submodule(entry["name"]), _FACTORED):
             return entry["name"]
     except AttributeError:
         pass
@@ -302,11 +309,7 @@ def _apply_linear_structure(model: nn.Module, structure: list[dict[str, Any]], w
         if (e["in_features"], e["out_features"]) != (site.in_features, site.out_features):
             raise UserError(f"{where}: {e['name']} is {e['out_features']}x{e['in_features']} in the checkpoint but "
                             f"{site.out_features}x{site.in_features} in the source architecture")
-        if e["rank"] > min(e["in_features"], e["out_features"]):
-            raise UserError(f"{where}: {e['name']} has rank {e['rank']}, above its full rank")
-        device = dense.weight.device if dense.weight.device.type != "meta" else None
-        return _MODULE_KINDS[e["module"]].empty(e["in_features"], e["out_features"], e["rank"], e["bias"],
-                                                dtype=torch.float32, device=device)
+        return _empty_module(e, dense.weight.device if dense.weight.device.type != "meta" else None, where)
 
     ReplaceLinearsPass(sites, build)(target)  # through PassBase.__call__: requires/ensures run
     return target
@@ -330,6 +333,20 @@ def _apply_embeddings(model: nn.Module, entries: list[dict[str, Any]], where: st
         new = LowRankEmbedding.empty(e["in_features"], e["out_features"], e["rank"])
         new.padding_idx = m.padding_idx
         model.set_submodule(e["name"], new)
+
+
+def _empty_module(e: dict[str, Any], device, where: str) -> nn.Module:
+    """The zero-filled module of a structure entry, its ranks checked against its shape."""
+    if e["module"] == "jactus":  # k_L <= out, k_R <= in: the union bases are orthonormal columns
+        if e["rank"] > e["out_features"] or e["rank_in"] > e["in_features"]:
+            raise UserError(f"{where}: {e['name']} has ranks {e['rank']}, {e['rank_in']}, above its "
+                            f"{e['out_features']}x{e['in_features']} shape")
+        return JactusLinear.empty(e["in_features"], e["out_features"], e["rank"], e["bias"], rank_in=e["rank_in"],
+                                  dtype=torch.float32, device=device)
+    if e["rank"] > min(e["in_features"], e["out_features"]):
+        raise UserError(f"{where}: {e['name']} has rank {e['rank']}, above its full rank")
+    return _MODULE_KINDS[e["module"]].empty(e["in_features"], e["out_features"], e["rank"], e["bias"],
+                                            dtype=torch.float32, device=device)
 
 
 def copy_model_attributes(model: nn.Module, graph_module: fx.GraphModule) -> None:
@@ -372,12 +389,14 @@ def _check_entry(entry: Any, *, where: str) -> dict[str, Any]:
     if not isinstance(entry, dict) or any(k not in entry for k in _STRUCTURE_KEYS):
         raise UserError(f"{where}: a structure entry must have {', '.join(_STRUCTURE_KEYS)}; got {entry!r}")
     e = {k: entry[k] for k in _STRUCTURE_KEYS}
+    if entry.get("module") == "jactus":
+        e["rank_in"] = entry.get("rank_in")
     kinds_ok = isinstance(e["kind"], str) and isinstance(e["module"], str)  # a list or mapping cannot be looked up
     if not kinds_ok or e["kind"] not in ("module", "functional") or e["module"] not in _MODULE_KINDS \
             or not isinstance(e["name"], str):
         raise UserError(f"{where}: structure entry {entry!r}: kind must be module or functional and module one of "
                         f"{', '.join(_MODULE_KINDS)}")
-    for key in ("rank", "in_features", "out_features"):
+    for key in ("rank", "in_features", "out_features") + (("rank_in",) if "rank_in" in e else ()):
         if isinstance(e[key], bool) or not isinstance(e[key], int) or e[key] < 1:
             raise UserError(f"{where}: structure entry {e['name']!r}: {key} must be a positive integer, got {e[key]!r}")
     if not isinstance(e["bias"], bool):

@@ -421,6 +421,48 @@ def _convert_section(doc: dict, rows: list[Row]) -> Section:
     return section
 
 
+_JACTUS_RANKS = (("k_w", "k_w (weight)", "#4c72b0"), ("k_i", "k_i (input)", "#dd8452"), ("k_o", "k_o (gradient)", "#55a868"),
+                 ("k_left", "Q_L (union, out)", "#c44e52"), ("k_right", "Q_R (union, in)", "#8172b3"))
+
+
+def jactus_figure(plan: dict) -> Figure:
+    """JACTUS ranks by depth, one panel per role: the three truncation ranks and the two union ranks the
+    allocation chose (as the paper's Figure 3)."""
+    by_role: dict[str, list[tuple[int, dict]]] = {}
+    for position, layer in enumerate(plan["layers"]):
+        m = _BLOCK_NAME.match(layer["name"])
+        by_role.setdefault(layer["role"], []).append((int(m.group(1)) if m else position, layer["chosen"]))
+    fig = Figure(figsize=(3.2 * len(by_role) + 1.0, 3.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(by_role), sharey=True))
+    for ax, (role, points) in zip(axes, by_role.items()):
+        depth = [d for d, _ in points]
+        for key, label, colour in _JACTUS_RANKS:
+            ax.plot(depth, [c[key] for _, c in points], marker="o", ms=3, color=colour, label=label)
+        ax.set_title(role, fontsize=9)
+        ax.set_xlabel("block", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.25)
+    axes[0].set_ylabel("rank", fontsize=9)
+    axes[-1].legend(fontsize=7, loc="best")
+    return fig
+
+
+def _jactus_plot(doc: dict, section: Section) -> None:
+    plan = doc.get("jactus")
+    if not plan:
+        return
+    allocation = ""
+    if plan.get("greedy"):
+        allocation = (f" Ranks were allocated by the greedy (captured energy per added parameter; total gain "
+                      f"{plan['greedy']['total_gain']:.4f}); the exact DP on the same candidates reached "
+                      f"{plan['dp']['total_gain']:.4f}.")
+    section.plots.append(Plot(
+        "finetune-jactus-ranks.png", "JACTUS ranks per layer and role",
+        f"Per block and role: the weight's rank k_w, the input rank k_i, the gradient rank k_o and the union "
+        f"bases' widths; {plan['result_params']:,} of {plan['original_params']:,} parameters kept "
+        f"({plan['retained']:.1%}).{allocation}", _png(jactus_figure(plan))))
+
+
 def _finetune_section(doc: dict, rows: list[Row]) -> Section:
     memory, vanilla = doc["memory"], doc.get("memory_vanilla")
     method = f"{doc['method']} (update: {doc.get('update')})" if doc.get("update") else doc["method"]
@@ -447,6 +489,7 @@ def _finetune_section(doc: dict, rows: list[Row]) -> Section:
         "the measured peak, which also holds temporary buffers the parts do not count. The legend says which "
         "parts were measured and which derived.",
         _png(memory_figure(bars, doc, dotted))))
+    _jactus_plot(doc, section)
     if doc.get("epochs"):
         section.plots.append(Plot("finetune-epochs.png", "Loss and accuracy per epoch",
                                   "Training loss and held-out accuracy after each epoch.", _png(epochs_figure(doc))))

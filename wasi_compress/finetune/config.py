@@ -12,8 +12,14 @@ from typing import Any
 
 from wasi_compress.errors import UserError
 from wasi_compress.modules.training import UPDATE_RULES, canonical_update
-from wasi_compress.passes.training import CALIBRATION_THRESHOLDS, METHODS
+from wasi_compress.passes.training import CALIBRATION_THRESHOLDS
+from wasi_compress.passes.training import METHODS as TRAINING_METHODS
 from wasi_compress.transforms.config import WasiConfig
+
+# jactus compresses and adapts in one go (wasi_compress.transforms.jactus); the others go through
+# prepare_training_
+METHODS = TRAINING_METHODS + ("jactus",)
+DEFAULT_RETAIN = 0.8  # jactus without --retain or --budget: the paper's headline setting
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -26,6 +32,11 @@ SCHEDULES = ("cosine", "constant")
 # subspace-iteration rule, threshold 0.8) are an option: --momentum 0 --update subspace-iteration
 # --threshold 0.8 (lr 0.05 is the default without momentum).
 DEFAULT_LR = {"sgd": 0.01, "sgd-no-momentum": 0.05, "adamw": 3e-4}
+# JACTUS trains only the cores C in fixed bases: a step on C moves W by the gradient projected onto the
+# union subspace, with no factor to amplify it (a step on L, R of W = L R moves W by about
+# L L^T G + G R^T R), so at lr 0.01 it lagged on mnist-rot (61.7% on seed 0); lr 0.03 gave 65.2% and 0.05
+# 56.0% (benchmarks/bench_jactus.txt, the diagnosis rows)
+JACTUS_LR = 0.03
 DEFAULT_MOMENTUM = 0.9
 
 
@@ -77,6 +88,11 @@ class FinetuneConfig:
     img_size: int | None = None
     calibration_thresholds: tuple[float, ...] = CALIBRATION_THRESHOLDS
     measure_memory: bool = True
+    # --method jactus: the retained share of the model's parameters (or --budget, bytes of them in float32)
+    # and the training batches its covariances are estimated on
+    retain: float | str | None = None
+    budget: str | int | None = None
+    calib_batches: int = 4
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -114,6 +130,7 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}")
         self._check_memory_levers()
+        self._check_jactus()
         if self.step_in_backward is not None and not isinstance(self.step_in_backward, bool):
             raise UserError(f"step_in_backward must be true, false or null (where it can run), got {self.step_in_backward!r}")
         if self.momentum is not None and self.momentum and self.optimizer != "sgd":
@@ -136,6 +153,34 @@ class FinetuneConfig:
         if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
             raise UserError(f"calibration thresholds must be in (0, 1], got {list(self.calibration_thresholds)}")
         self.calibration_thresholds = thresholds
+
+    def _check_jactus(self) -> None:
+        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise UserError(f"--calib-batches must be an integer >= 1, got {self.calib_batches!r}")
+        if self.method != "jactus":
+            for name in ("retain", "budget"):
+                if getattr(self, name) is not None:
+                    raise UserError(f"--{name} applies to --method jactus only (this run is --method {self.method}); "
+                                    f"drop --{name} or add --method jactus")
+            return
+        self.jactus_config()  # validates --retain / --budget: one line each
+        clash = [flag for flag, on in (("--activation-budget", self.activation_budget is not None),
+                                       ("--memory-budget", self.memory_budget is not None),
+                                       ("--finetune-last", self.finetune_last is not None)) if on]
+        if clash:
+            raise UserError(f"{', '.join(clash)} cannot be combined with --method jactus (it keeps exact activations "
+                            "and compresses every block); drop it")
+
+    def jactus_config(self):
+        """The `jactus_` transform's part of these settings (--method jactus)."""
+        from wasi_compress.transforms.jactus import JactusConfig
+
+        class FlagNamed(JactusConfig):  # errors name the command's flags: "--retain: ..."
+            def label(self, name: str) -> str:
+                return "--" + name.replace("_", "-")
+
+        retain = DEFAULT_RETAIN if self.retain is None and self.budget is None else self.retain
+        return FlagNamed(retain=retain, budget=self.budget)
 
     def _check_memory_levers(self) -> None:
         m = self.micro_batches
@@ -195,6 +240,8 @@ class FinetuneConfig:
     def effective_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
+        if self.method == "jactus" and self.optimizer == "sgd" and self.effective_momentum:
+            return JACTUS_LR
         return DEFAULT_LR["sgd" if self.effective_momentum else "sgd-no-momentum"] if self.optimizer == "sgd" \
             else DEFAULT_LR[self.optimizer]
 

@@ -43,6 +43,7 @@ def checkpoint_source(config, loaded, num_classes: int | None) -> dict[str, Any]
 def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra) -> None:
     """Stage the inference form of `model` (WASI layers as SubspaceLinear, ASI as nn.Linear) at `path`."""
     from wasi_compress.checkpoint import save_checkpoint, structure_entry
+    from wasi_compress.modules.jactus import JactusLinear
     from wasi_compress.modules.subspace import SubspaceLinear
 
     from wasi_compress.frozen_storage import restore_frozen_dtype_
@@ -58,7 +59,7 @@ def write_checkpoint(path: str, outputs, model: nn.Module, sites, source, extra)
             m = export.get_submodule(site.name)
         except AttributeError:
             continue
-        if isinstance(m, SubspaceLinear):
+        if isinstance(m, (SubspaceLinear, JactusLinear)):
             structure.append(structure_entry(site, m))
     for name, m in export.named_modules():  # 1x1 convolutions trained in a subspace (modules/pointwise.py)
         if isinstance(m, LowRankConv2d):
@@ -79,7 +80,7 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
         "optimizer": config.optimizer, "lr": config.effective_lr, "momentum": config.effective_momentum,
         "step_in_backward": config.in_backward, "schedule": config.schedule,
         "batch_size": config.batch_size, "threshold": config.threshold if config.method == "wasi" else None,
-        "activation_threshold": config.activation_threshold if config.method != "vanilla" else None,
+        "activation_threshold": config.activation_threshold if config.method in ("wasi", "asi") else None,
         "finetune_last": config.finetune_last, "world_size": run.dist.world,
         "train_images": len(run.data.train), "test_images": len(run.data.test),
         "epochs": run.history, "final": {"accuracy": final_accuracy},
@@ -90,6 +91,7 @@ def document(config, run, final_accuracy: float) -> dict[str, Any]:
         "memory_plan": None if run.step_plan is None else run.step_plan.to_dict(),
         "layers": [layer.to_dict() for layer in run.layers], "output": config.output, "notes": run.notes,
         "config": config.to_dict(),
+        "jactus": None if run.jactus_plan is None else run.jactus_plan.to_dict(),
     }
     if run.memory is not None:
         body["memory_per_layer"] = run.memory["per_layer"]

@@ -172,7 +172,7 @@ class FinetuneRun:
 
         c = self.config
         return StepLevers(micro_batches=c.micro_batches, recompute=c.recompute, layernorm="exact", attention="as-is",
-                          linear_inputs="tucker" if c.method != "vanilla" else "exact", frozen_dtype=c.frozen_dtype)
+                          linear_inputs="tucker" if c.method in ("wasi", "asi") else "exact", frozen_dtype=c.frozen_dtype)
 
     def _resumed_levers(self):
         from wasi_compress.step_plan import StepLevers
@@ -186,6 +186,8 @@ class FinetuneRun:
         (``final``: the run's own model, whose notes are kept)."""
         from wasi_compress.finetune.memory_budget import prepare_with_levers_
 
+        if self.config.method == "jactus":
+            return self._insert_jactus(model, final)
         state = self.state
         weight_ranks = state["weight_ranks"] if state is not None else (
             self.step_plan.weight_ranks if self.step_plan is not None else None)
@@ -196,6 +198,42 @@ class FinetuneRun:
         self.notes += notes if final else []
         return handle
 
+    def _insert_jactus(self, model: nn.Module, final: bool):
+        """The jactus_ transform on `calib_batches` batches of the training split (its first images, in
+        order: the same plan for the same model and data, which is also how --resume rebuilds it)."""
+        from wasi_compress.passes.training import TrainingLayer
+        from wasi_compress.transforms.jactus import jactus_
+        from wasi_compress.transforms.training import TrainingHandle
+
+        c, train = self.config, self.data.train
+        n = min(len(train), c.calib_batches * c.batch_size)
+        batches = [(self.data.batch(train.images[i:i + c.batch_size]), train.labels[i:i + c.batch_size].to(c.device))
+                   for i in range(0, n, c.batch_size)]
+        self.status(f"JACTUS: calibrating on {n} training images and allocating ranks")
+        plan = jactus_(model, c.jactus_config(), calib=batches, example=self.calib_x[:2])
+        from wasi_compress.passes.capture import capture
+
+        cap = capture(model, self.calib_x[:2])
+        chosen = {layer["name"]: layer for layer in plan.layers}
+        layers = []
+        for site in cap.sites:
+            entry = chosen.get(site.name)
+            block = block_of(site.name)
+            if entry is None:
+                layers.append(TrainingLayer(site.name, site.role, block, "dense", True, note="kept dense and trainable"))
+                continue
+            k = entry["chosen"]
+            layers.append(TrainingLayer(site.name, site.role, block, "jactus", True, weight_rank=k["k_left"],
+                                        note=f"JACTUS k_w={k['k_w']} k_i={k['k_i']} k_o={k['k_o']}: "
+                                             f"Q_L {k['k_left']}, Q_R {k['k_right']} wide; only the core and bias train"))
+        blocks = list(dict.fromkeys(b for b in (block_of(n) for n in chosen) if b is not None))
+        if final:
+            self.jactus_plan = plan
+            self.notes += plan.notes
+        from wasi_compress.transforms.config import WasiConfig
+
+        return TrainingHandle(model, WasiConfig(method="vanilla"), layers, [], blocks, cap)
+
     def _measure_self(self, handle) -> dict[str, Any]:
         self.status("measuring one training step (this method)")
         return measure_on_copy(handle.model, self.config, self.calib_x, self.calib_y, self._linears(handle),
@@ -204,6 +242,8 @@ class FinetuneRun:
     @staticmethod
     def _linears(handle) -> dict[str, str]:
         return {s.name: s.role for s in handle.capture.sites if s.kind == "module"}
+
+    jactus_plan = None  # the JactusPlan of a --method jactus run
 
     def _plan_of(self, handle) -> None:
         if self.state is not None:
@@ -328,6 +368,7 @@ class FinetuneRun:
                              "data": c.data, "lr": c.effective_lr, "schedule": c.schedule, "optimizer": c.optimizer,
                              "threshold": c.threshold, "activation_threshold": c.activation_threshold,
                              "finetune_last": c.finetune_last, "activation_plan": self.activation_plan,
+                             "jactus": None if self.jactus_plan is None else self.jactus_plan.summary(),
                              "layers": [layer.to_dict() for layer in self.layers], **more}}
 
     def _write_epoch(self, epochs_done: int, record, per_rank) -> None:

@@ -2,6 +2,7 @@
 
     plan = lowrank_(model, LowRankConfig(budget="50MB", objective="data"), example=x, calib=batches)
     handle = prepare_training_(model, WasiConfig(method="wasi"), example=x)
+    plan = jactus_(model, JactusConfig(retain=0.8), calib=[(x, y), ...])   # compress + adapt (only cores train)
     handle.attach(optimizer)          # then train in your own loop
     to_inference_(model)
     save(model, "m.safetensors"); model = load("m.safetensors")
@@ -22,12 +23,13 @@ from typing import Any, Callable
 from torch import nn
 
 from wasi_compress.transforms.config import ConfigError, LowRankConfig, TransformConfig, WasiConfig
+from wasi_compress.transforms.jactus import JactusConfig, JactusPlan, jactus_
 from wasi_compress.transforms.lowrank import LowRankPlan, lowrank_
 from wasi_compress.transforms.persist import load, save
 from wasi_compress.transforms.training import TrainingHandle, prepare_training_, to_inference_
 
-__all__ = ["ConfigError", "LowRankConfig", "LowRankPlan", "TrainingHandle", "TransformConfig", "WasiConfig", "apply_",
-           "load", "lowrank_", "prepare_training_", "register_transform", "save", "to_inference_"]
+__all__ = ["ConfigError", "JactusConfig", "JactusPlan", "LowRankConfig", "LowRankPlan", "TrainingHandle", "TransformConfig", "WasiConfig", "apply_",
+           "jactus_", "load", "lowrank_", "prepare_training_", "register_transform", "save", "to_inference_"]
 
 _HANDLERS: dict[type, Callable[..., Any]] = {}
 
@@ -52,3 +54,4 @@ def apply_(model: nn.Module, config: TransformConfig, **kwargs: Any) -> Any:
 
 register_transform(LowRankConfig)(lowrank_)
 register_transform(WasiConfig)(prepare_training_)
+register_transform(JactusConfig)(jactus_)

@@ -105,17 +105,13 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     calib = None if calib is None else list(calib)  # read more than once (spectra, probes, convolutions)
 
     whitenings, token_weights = _candidates(model, layers, embeddings, config, calib, device, elem, progress)
-    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers + embeddings]
-    fixed = _fixed_param_bytes(model, layers + embeddings, dtype) + buffer_bytes
-    floor = smallest_feasible_budget(candidates) + fixed if candidates else fixed
+    candidates, fixed, floor = _costs(model, layers + embeddings, dtype, buffer_bytes)
     if config.convs == "always" or (config.convs == "auto" and config.budget_bytes < floor):
         convs = [site_weights(model, site, elem) for site in conv_sites(model, {layer.site.name for layer in layers})
                  if filter_fn is None or filter_fn(model.get_submodule(site.name), site.name)]
         whitenings.update(_spectra(model, convs, config, calib, device, elem, progress))
         layers = layers + convs
-        candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in layers + embeddings]
-        fixed = _fixed_param_bytes(model, layers + embeddings, dtype) + buffer_bytes
-        floor = smallest_feasible_budget(candidates) + fixed if candidates else fixed
+        candidates, fixed, floor = _costs(model, layers + embeddings, dtype, buffer_bytes)
     if not candidates:
         raise UserError("no linear layer to convert" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
     fixed_param = fixed - buffer_bytes
@@ -141,6 +137,14 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
         raise AssertionError(f"planned {fixed_param + the_plan.total_cost_bytes} bytes, the model has {total}")
     return LowRankPlan(target, the_plan, layers + embeddings, chosen, fixed_param, buffer_bytes, floor,
                        config.budget_bytes - fixed, total, skipped, cap)
+
+
+def _costs(model, planned, dtype, buffer_bytes) -> tuple[list[LayerCandidates], int, int]:
+    """The planner's candidates of the planned layers, the bytes it cannot change (other parameters and
+    the buffers), and the smallest feasible budget."""
+    candidates = [LayerCandidates(layer.site.name, tuple(layer.candidates)) for layer in planned]
+    fixed = _fixed_param_bytes(model, planned, dtype) + buffer_bytes
+    return candidates, fixed, (smallest_feasible_budget(candidates) + fixed if candidates else fixed)
 
 
 def _candidates(model, layers, embeddings, config, calib, device, elem, progress):

@@ -22,8 +22,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
     ``arch``: the architecture to rebuild it from (``timm:<name>``, ``builtin:<name>``,
     ``package.module:factory``); not needed for a model from `load`, nor for a timm model created with
     only ``num_classes`` / ``img_size`` changed. Training modules must be turned back first."""
-    from wasi_compress.checkpoint import save_checkpoint
+    from wasi_compress.checkpoint import save_checkpoint, structure_entry
+    from wasi_compress.modules.jactus import JactusLinear
     from wasi_compress.modules.subspace import SubspaceLinear
+    from wasi_compress.passes.capture import LinearSite
     from wasi_compress.modules.training import ASILinear, CompactInputLinear, WASILinear
 
     if any(isinstance(m, (WASILinear, ASILinear, CompactInputLinear)) for m in model.modules()):
@@ -37,11 +39,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
             structure.append({"name": mark["site"], "kind": "module", "module": "lowrank_conv", "rank": int(m.rank),
                               "bias": m.second.bias is not None, "in_features": int(m.in_features),
                               "out_features": int(m.out_features)})
-        elif isinstance(m, SubspaceLinear):
+        elif isinstance(m, (SubspaceLinear, JactusLinear)):
             mark = site_of(m) or {"site": name, "kind": "module"}
-            structure.append({"name": mark["site"], "kind": mark["kind"], "module": "subspace",
-                              "rank": int(m.rank), "bias": m.bias is not None, "in_features": int(m.in_features),
-                              "out_features": int(m.out_features)})
+            site = LinearSite(name=mark["site"], kind=mark["kind"], role="other", in_features=int(m.in_features),
+                              out_features=int(m.out_features), bias=m.bias is not None, weight_name="", bias_name=None)
+            structure.append(structure_entry(site, m))
     return save_checkpoint(path, model, source=source_of_model(model, arch), structure=structure, extra=extra,
                            dtype=dtype)
 
