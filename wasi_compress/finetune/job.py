@@ -30,7 +30,7 @@ from wasi_compress.finetune.resume import (
 from wasi_compress.finetune.step_memory import measure_on_copy
 from wasi_compress.finetune.steps import after_step_fn, lr_setter, make_run_optimizer, train_step
 from wasi_compress.outputs import Outputs, lock_outputs
-from wasi_compress.passes.training import BLOCK_ROLES
+from wasi_compress.passes.training import BLOCK_ROLES, block_of
 
 
 @dataclass
