@@ -154,6 +154,19 @@ def accuracy(model_spec: str, emit) -> None:
          f"every planned run's measured peak under the budget: {all(d['memory']['peak_bytes'] <= budget for d in planned)}")
 
 
+def load_batch(model_spec: str, batch_size: int):
+    """The model and the benchmark's random batch (images and labels, seed 0)."""
+    from wasi_compress.loading import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(model_spec)
+    c, h, w = loaded.input_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, c, h, w, generator=g)
+    y = torch.randint(0, loaded.num_classes or 10, (batch_size,), generator=g)
+    return loaded, x, y
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="timm:vit_base_patch32_224")
@@ -171,14 +184,8 @@ def main(argv=None) -> None:
         print(text, flush=True)
         lines.append(text)
 
-    from wasi_compress.loading import load_model
-
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    c, h, w = loaded.input_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, c, h, w, generator=g)
-    y = torch.randint(0, loaded.num_classes or 10, (args.batch_size,), generator=g)
+    loaded, x, y = load_batch(args.model, args.batch_size)
+    _, h, w = loaded.input_size
     emit(f"model {args.model}, batch {args.batch_size}, {h}x{w} px, {torch.get_num_threads()} threads, torch "
          f"{torch.__version__}, {args.warmup} warm-up + {args.steps} timed steps, SGD lr 0.05 (no momentum)")
     emit("peak = measured live tensor bytes over forward+backward+step; predicted = the planner's memory model; "

@@ -23,9 +23,6 @@ from wasi_compress.finetune import memory_budget  # noqa: E402
 from wasi_compress.step_plan import StepLevers  # noqa: E402
 from wasi_compress.transforms.training import prepare_training_  # noqa: E402
 
-VANILLA_PEAK = 2343338000  # bytes: vanilla's measured peak in bench_memory_budget_vit-b32.txt (2343.3 MB)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="timm:vit_base_patch32_224")
@@ -38,16 +35,13 @@ def main(argv=None) -> None:
         print(text, flush=True)
         lines.append(text)
 
-    from wasi_compress.loading import load_model
-
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    c, h, w = loaded.input_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, c, h, w, generator=g)
-    y = torch.randint(0, loaded.num_classes or 10, (64,), generator=g)
+    loaded, x, y = bench.load_batch(args.model, 64)
     dense = loaded.model
     vanilla = bench._config("vanilla")
+    plain, _ = memory_budget.prepare_with_levers_(copy.deepcopy(dense), vanilla, StepLevers(layernorm="exact",
+                                                  attention="as-is"), example=x[:2])
+    vanilla_peak = bench._peak(plain.model, vanilla, x, y, 1)
+    emit(f"vanilla: measured {vanilla_peak / 1e6:.1f} MB")
     levers = StepLevers(recompute=True, layernorm="exact", attention="as-is")
     predicted = memory_budget.predict_peak(dense, vanilla, levers, x, y).predicted_peak_bytes
     handle, _ = memory_budget.prepare_with_levers_(copy.deepcopy(dense), vanilla, levers, example=x[:2])
@@ -59,7 +53,7 @@ def main(argv=None) -> None:
     prepared = prepare_training_(copy.deepcopy(dense), config.wasi_config(), example=x[:2])
     inputs = memory_budget.measure_plan_inputs(dense, prepared.model, prepared, config, x, y, options=[levers],
                                                errors=False)
-    budget = VANILLA_PEAK // 10
+    budget = vanilla_peak // 10
     step = inputs.plan(int(budget * (1 - memory_budget.PLAN_MARGIN)))
     planned, _ = memory_budget.prepare_with_levers_(copy.deepcopy(dense), config, levers, example=x[:2],
                                                     weight_ranks=step.weight_ranks)
