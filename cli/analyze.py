@@ -95,12 +95,17 @@ def _family_table(by_family: dict[str, int], total: int) -> Table:
 @click.option("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99", show_default=True, help="Explained-variance thresholds.")
 @click.option("--levers", is_flag=True, help="Also the smallest whole-step training peak each memory lever reaches "
               "(micro-batching, recomputation, activation codes, Tucker inputs, low-rank weights): about 70 small measured steps.")
+@click.option("--jactus-data", default=None, help="Also the JACTUS plan that finetune --method jactus would train, on this "
+              "data (mnist, digits or an image folder): per layer k_w, k_i, k_o, the union ranks and the energy kept. "
+              "Calibrates on --calib-batches batches of 64 training images; trains nothing.")
+@click.option("--retain", default=None, help="With --jactus-data: the share of the parameters to keep (default 80%).")
+@click.option("--calib-batches", type=int, default=4, show_default=True, help="With --jactus-data: calibration batches.")
 @click.option("--json", "json_path", default=None, help="Write the analyze/1 JSON document here ('-' for stdout).")
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False), help="Write report.html and its plots into this folder.")
 @device_option
 @wraps_user_errors
 def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_size, seq_len, batch_size, input_size, thresholds,
-            levers, json_path, report_dir, device):
+            levers, jactus_data, retain, calib_batches, json_path, report_dir, device):
     """Show, per linear layer, how compressible MODEL is and where its training memory goes."""
     from wasi_compress.analysis import analyze
 
@@ -115,6 +120,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
             raise UserError(f"--input-size: expected C,H,W such as 3,224,224, got {input_size!r}")
     from wasi_compress.outputs import check_paths, lock_outputs, report_html
 
+    jactus = _jactus_config(model, arch, weights, trust_pickle, trust_code, jactus_data, retain, calib_batches, device)
     outputs = {"--json": json_path, "--report": report_html(report_dir)}
     check_paths({"MODEL": model, "--weights": weights}, outputs)
     with lock_outputs(outputs.values()):  # two runs cannot write the same output
@@ -128,9 +134,31 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
 
             console.print("measuring the memory levers (about 70 small training steps)")
             doc["memory_levers"] = memory_levers(loaded.model, batch_size, size or loaded.input_size, check_device(device))
+        if jactus is not None:
+            from wasi_compress.finetune.jactus_plan import plan_jactus
+
+            with console.status("JACTUS: calibrating and allocating ranks") as status:
+                doc["jactus"] = plan_jactus(jactus, loaded=loaded, on_status=lambda text: status.update(plain(text)))
         render(doc, console)
+        if doc.get("jactus"):
+            from wasi_compress.cli.finetune import render_jactus
+
+            render_jactus(doc["jactus"], console)
         for path in _write(doc, json_path, report_dir):
             console.print(f"wrote {path}")
+
+
+def _jactus_config(model, arch, weights, trust_pickle, trust_code, data, retain, calib_batches, device):
+    """The finetune settings whose JACTUS plan --jactus-data shows (checked before any work), or None."""
+    if data is None:
+        if retain is not None:
+            raise UserError("--retain applies to the JACTUS plan: add --jactus-data DATA or drop --retain")
+        return None
+    from wasi_compress.finetune import FinetuneConfig
+
+    return FinetuneConfig(model=model, data=data, method="jactus", retain=retain, calib_batches=calib_batches,
+                          device=check_device(device), arch=arch, weights=weights, trust_pickle=trust_pickle,
+                          trust_code=trust_code)
 
 
 def _write(doc: dict, json_path: str | None, report_dir: str | None) -> list:

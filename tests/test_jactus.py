@@ -298,3 +298,28 @@ def test_jactus_default_learning_rate():
     assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="jactus", lr=0.01).effective_lr == 0.01
     assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="jactus", momentum=0).effective_lr == 0.05
     assert FinetuneConfig(model="builtin:mnist-vit", data="digits", method="vanilla").effective_lr == 0.01
+
+
+@pytest.mark.slow
+def test_analyze_shows_the_plan_finetune_trains(cli, tmp_path):
+    """`analyze --jactus-data` prints and writes the same per-layer ranks that `finetune --method jactus`
+    then trains with (same data, calibration and allocation), and its report carries the ranks plot."""
+    import json
+
+    args = ("--jactus-data", "digits", "--retain", "60%", "--calib-batches", "1")
+    result = cli("analyze", "vit_models:tiny_timm_vit", *args, "--json", tmp_path / "a.json", "--report", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "k_w" in result.output and "exact DP" in result.output
+    planned = json.loads((tmp_path / "a.json").read_text())["jactus"]
+    result = cli("finetune", "vit_models:tiny_timm_vit", "--data", "digits", "--method", "jactus", "--retain", "60%",
+                 "--calib-batches", "1", "--epochs", "0", "--json", tmp_path / "f.json")
+    assert result.exit_code == 0, result.output
+    trained = json.loads((tmp_path / "f.json").read_text())["jactus"]
+    assert [(l["name"], l["chosen"]) for l in planned["layers"]] == [(l["name"], l["chosen"]) for l in trained["layers"]]
+    assert planned["result_params"] == trained["result_params"] <= 0.6 * planned["original_params"]
+    assert (tmp_path / "r" / "analyze-jactus-ranks.png").is_file()
+
+
+def test_analyze_retain_needs_jactus_data(cli):
+    result = cli("analyze", "vit_models:tiny_timm_vit", "--retain", "60%")
+    assert result.exit_code == 2 and "--jactus-data" in result.output

@@ -241,8 +241,8 @@ def keep_default_permissions(path: Path) -> None:
 
 # Every file a --report folder may hold (report_html.write_report writes no other; a test holds it to that).
 REPORT_NAME = "report.html"
-REPORT_PLOTS = ("analyze-energy.png", "analyze-memory.png", "convert-ranks.png", "convert-pareto.png",
-                "finetune-memory.png", "finetune-jactus-ranks.png", "finetune-epochs.png")
+REPORT_PLOTS = ("analyze-energy.png", "analyze-memory.png", "analyze-jactus-ranks.png", "convert-ranks.png",
+                "convert-pareto.png", "finetune-memory.png", "finetune-jactus-ranks.png", "finetune-epochs.png")
 
 
 def report_html(folder: str | os.PathLike | None) -> Path | None:

@@ -369,6 +369,7 @@ def _analyze_section(doc: dict, rows: list[Row]) -> Section:
         "to its linear layers (their weights, gradients, optimizer state and the inputs they save). "
         "The legend says which parts were measured and which derived from tensor sizes.",
         _png(memory_figure(bars, doc, ["totals.train_memory", "totals.linear.train_memory"]))))
+    _jactus_plot(doc, section, "analyze")
     section.details = _table(
         f"Per-layer analysis ({len(doc['layers'])} layers)",
         ["layer", "role", "in → out", "params", *(f"rank @{t:g}" for t in doc.get("thresholds", [])), "break-even rank"],
@@ -447,7 +448,7 @@ def jactus_figure(plan: dict) -> Figure:
     return fig
 
 
-def _jactus_plot(doc: dict, section: Section) -> None:
+def _jactus_plot(doc: dict, section: Section, prefix: str) -> None:
     plan = doc.get("jactus")
     if not plan:
         return
@@ -457,7 +458,7 @@ def _jactus_plot(doc: dict, section: Section) -> None:
                       f"{plan['greedy']['total_gain']:.4f}); the exact DP on the same candidates reached "
                       f"{plan['dp']['total_gain']:.4f}.")
     section.plots.append(Plot(
-        "finetune-jactus-ranks.png", "JACTUS ranks per layer and role",
+        f"{prefix}-jactus-ranks.png", "JACTUS ranks per layer and role",
         f"Per block and role: the weight's rank k_w, the input rank k_i, the gradient rank k_o and the union "
         f"bases' widths; {plan['result_params']:,} of {plan['original_params']:,} parameters kept "
         f"({plan['retained']:.1%}).{allocation}", _png(jactus_figure(plan))))
@@ -489,7 +490,7 @@ def _finetune_section(doc: dict, rows: list[Row]) -> Section:
         "the measured peak, which also holds temporary buffers the parts do not count. The legend says which "
         "parts were measured and which derived.",
         _png(memory_figure(bars, doc, dotted))))
-    _jactus_plot(doc, section)
+    _jactus_plot(doc, section, "finetune")
     if doc.get("epochs"):
         section.plots.append(Plot("finetune-epochs.png", "Loss and accuracy per epoch",
                                   "Training loss and held-out accuracy after each epoch.", _png(epochs_figure(doc))))
