@@ -232,3 +232,31 @@ def test_trace_specialises_plain_default_arguments():
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
     x = torch.randn(2, 4)
     torch.testing.assert_close(gm(x), gm.lin(x))
+
+
+def test_fold_exports_as_col2im_with_a_size_computed_from_the_input(tmp_path):
+    """F.fold (VOLO's outlook attention) with an output size read off the input's shape exports at opset 18
+    as ONNX Col2Im and matches torch (torch's own symbolic fails on such a size)."""
+    import onnx
+    import torch.nn.functional as F
+    from torch import nn
+
+    from wasi_compress.onnx_export import export_onnx
+    from wasi_compress.outputs import Outputs
+
+    class Folding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            cols = F.unfold(self.proj(x), kernel_size=3, padding=1, stride=2)
+            return F.fold(cols * 0.5, output_size=(h, w), kernel_size=3, padding=1, stride=2)
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with Outputs() as outputs:
+        parity = export_onnx(Folding().eval(), x, tmp_path / "fold.onnx", outputs, tolerance=1e-4, opset=18, notes=[])
+        outputs.commit()
+    assert parity.rel_diff <= 1e-5
+    assert "Col2Im" in {node.op_type for node in onnx.load(str(tmp_path / "fold.onnx")).graph.node}

@@ -74,9 +74,7 @@ SWEEP: list[SweepModel] = [
     SweepModel("efficientvit_m0", 64),
     SweepModel("efficientformerv2_s0", 64),
     SweepModel("tiny_vit_5m_224", 64, img_kwarg=False),
-    SweepModel("volo_d1_224", 64, opset=18, xfail="ONNX export: VOLO's outlook attention folds patches back with F.fold "
-               "(aten::col2im), which torch's exporter cannot export at opset 17 and, at 18, its col2im symbolic fails "
-               "(TypeError: 'NoneType' object is not subscriptable); analyze, the plan and reload work"),
+    SweepModel("volo_d1_224", 64, opset=18),  # outlook attention folds patches (F.fold): Col2Im, opset 18
     SweepModel("tv:vit_b_16", 64, depth=2),  # vit_b_16's widths, 2 layers (full depth: 3 minutes here)
     SweepModel("tv:swin_t", 64, img_kwarg=False),
 ]

@@ -153,7 +153,23 @@ def _quiet_stdout():
         os.close(saved)
 
 
+def _col2im(g, x, output_size, kernel_size, dilation, padding, stride):
+    """aten::col2im (F.fold, as in VOLO) as ONNX Col2Im. torch's own opset-18 symbolic reads the number of
+    spatial axes off output_size's tensor type, which the TorchScript exporter leaves unknown when the size
+    is a list (TypeError: 'NoneType' object is not subscriptable); this one takes it from the kernel."""
+    from torch.onnx import symbolic_helper as sh
+
+    kernel = sh._parse_arg(kernel_size, "is")
+    dilation, padding, stride = (sh._parse_arg(v, "is") for v in (dilation, padding, stride))
+    axes = len(kernel)
+    return g.op("Col2Im", x, output_size, g.op("Constant", value_t=torch.tensor(kernel, dtype=torch.int64)),
+                dilations_i=list(dilation) or [1] * axes, pads_i=[p for p in padding for _ in range(2)] or [0, 0] * axes,
+                strides_i=list(stride) or [1] * axes)
+
+
 def _export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    if opset >= 18:  # Col2Im exists from opset 18 on
+        torch.onnx.register_custom_op_symbolic("aten::col2im", _col2im, 18)
     try:
         with warnings.catch_warnings(), _quiet_stdout():
             warnings.simplefilter("ignore")
