@@ -323,3 +323,28 @@ def test_analyze_shows_the_plan_finetune_trains(cli, tmp_path):
 def test_analyze_retain_needs_jactus_data(cli):
     result = cli("analyze", "vit_models:tiny_timm_vit", "--retain", "60%")
     assert result.exit_code == 2 and "--jactus-data" in result.output
+
+
+@pytest.mark.slow
+def test_resumed_jactus_run_equals_an_uninterrupted_one(vit_models, tmp_path):
+    """--resume rebuilds the same bases and ranks (the same calibration batches) and continues to the
+    weights of an uninterrupted run."""
+    from wasi_compress.finetune import FinetuneConfig, finetune, resume_path
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(epoch, record):
+        raise Interrupt
+
+    kw = dict(model="vit_models:tiny_timm_vit", data="digits", method="jactus", retain="70%", calib_batches=1,
+              measure_memory=False, seed=5, trust_code=True)
+    straight = finetune(FinetuneConfig(epochs=2, output=str(tmp_path / "a.safetensors"), **kw))
+    out = str(tmp_path / "b.safetensors")
+    with pytest.raises(Interrupt):
+        finetune(FinetuneConfig(epochs=2, output=out, **kw), on_epoch=interrupt)
+    assert resume_path(out).exists()
+    resumed = finetune(FinetuneConfig(epochs=2, output=out, resume=True, **kw))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(isinstance(m, JactusLinear) for m in resumed.model.modules())
