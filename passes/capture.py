@@ -133,7 +133,7 @@ def role_of(name: str) -> str:
     last = parts[-1] if parts else ""
     if any(p.startswith("head") or p == "classifier" for p in parts) or (last == "fc" and len(parts) == 1):
         return "head"
-    if last in ("qkv", "in_proj", "qkv_proj", "c_attn", "to_qkv"):
+    if last in ("qkv", "qk", "in_proj", "qkv_proj", "c_attn", "to_qkv"):  # qk: ConViT GPSA's fused q, k
         return "qkv"
     for role, names in (("q", ("q", "q_proj", "query", "to_q", "wq")),
                         ("k", ("k", "k_proj", "key", "to_k", "wk")),

@@ -366,7 +366,7 @@ def test_capture_restores_training_mode(vit_models):
     ("encoder.layer.0.attention.self.value", "v"), ("encoder.layer.0.attention.output.dense", "proj"),
     ("encoder.layer.0.intermediate.dense", "fc1"), ("encoder.layer.0.output.dense", "fc2"),
     ("blocks.0.attn.q_proj", "q"), ("blocks.0.attn.k_proj", "k"), ("blocks.0.attn.v_proj", "v"),
-    ("blocks.0.attn.out_proj", "proj"), ("layers.0.downsample.reduction", "other"),
+    ("blocks.0.attn.out_proj", "proj"), ("layers.0.downsample.reduction", "other"), ("blocks.2.attn.qk", "qkv"),
 ])
 def test_roles_from_names(name, role):
     assert role_of(name) == role
