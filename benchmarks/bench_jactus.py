@@ -179,7 +179,8 @@ def checkpoint_check(retain: float = 0.8) -> str:
     stored = stored_bytes(reloaded, torch.float32)
     return (f"checkpoint at {retain:.0%}: {stored:,} parameter bytes of the original's {original:,} "
             f"({stored / original:.3f}; file {size:,} bytes with its metadata); reloads as MODEL with the same outputs: "
-            f"{'yes' if same else 'NO'}; ONNX max abs difference from torch {diff:.2e}")
+            f"{'yes' if same else 'NO'}; ONNX max abs difference from torch {diff.max_abs_diff:.2e} "
+            f"({diff.rel_diff:.2e} of the output's scale)")
 
 
 def read_runs(path: Path) -> dict:
