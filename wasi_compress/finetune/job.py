@@ -219,7 +219,7 @@ class FinetuneRun:
         n = min(len(train), c.calib_batches * c.batch_size)
         batches = [(self.data.batch(train.images[i:i + c.batch_size]), train.labels[i:i + c.batch_size].to(c.device))
                    for i in range(0, n, c.batch_size)]
-        self.status(f"JACTUS: calibrating on {n} training images and allocating ranks")
+        self.status(f"JACTUS: calibrating on {n} training examples and allocating ranks")
         plan = jactus_(model, c.jactus_config(), calib=batches, example=self.calib_x[:2])
         from wasi_compress.passes.capture import capture
 

@@ -21,6 +21,7 @@ from wasi_compress.errors import UserError
 
 PREFIX = "text:"
 TEST_FRACTION = 0.2
+EVAL_BATCH = 256  # as the image splits' (finetune/data.py, which imports this module)
 FORMAT = "each line is label<TAB>sentence"
 
 
@@ -89,7 +90,6 @@ class TextData:
 
     def test_batches(self):
         from wasi_compress.evaluation import batched
-        from wasi_compress.finetune.data import EVAL_BATCH
 
         return batched(self.test.ids, self.test.labels, EVAL_BATCH, self.batch)
 
