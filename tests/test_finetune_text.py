@@ -153,6 +153,20 @@ def test_same_seed_same_split_and_weights(hf_dirs, task, tmp_path):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
+def test_resume_continues_a_text_run_to_the_same_weights(hf_dirs, task, tmp_path):
+    spec, data = f"hf:{hf_dirs['bert']}", f"text:{task}"
+    whole = _finetune(spec, data, tmp_path / "whole", epochs=2, schedule="constant", measure_memory=False)
+    _finetune(spec, data, tmp_path / "parts", epochs=1, schedule="constant", measure_memory=False)
+    resumed = _finetune(spec, data, tmp_path / "parts", epochs=2, schedule="constant", measure_memory=False, resume=True)
+    for (name, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    from wasi_compress.errors import UserError
+
+    with pytest.raises(UserError, match="seq_len"):
+        _finetune(spec, data, tmp_path / "parts", epochs=3, schedule="constant", seq_len=8, resume=True)
+
+
 def test_a_held_out_file_is_used_as_given(hf_dirs, task, tmp_path):
     from wasi_compress.finetune.text_data import TextData
     from wasi_compress.loading import load_model
