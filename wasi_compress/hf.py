@@ -10,7 +10,8 @@ an import a file names, and ``trust_remote_code`` is never set. The model is wra
 one tensor and returns one tensor, as every command and the ONNX export expect: pixel values for vision
 models; token ids for text models, their attention mask derived from the ids (``pad_token_id``, exactly
 the mask a tokenizer gives for padding). The output is the ModelOutput's ``logits`` (classifiers) or
-``last_hidden_state`` (base models)."""
+``last_hidden_state`` (base models); a base text model fine-tuned as a classifier carries a head from
+``HEADS`` (mean pooling over the mask, then a linear), which its checkpoint's source names."""
 
 from __future__ import annotations
 
