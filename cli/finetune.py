@@ -95,7 +95,7 @@ def render_jactus(plan: dict, console) -> None:
 @click.command("finetune")
 @model_options
 @click.option("--data", required=True, help="Images: mnist, digits, or an image folder (one subfolder per class). "
-              "Text (for a text model): text:FILE, one example a line as label<TAB>sentence, 20%% of each label held "
+              "Text (for a text model): text:FILE, one example a line as label<TAB>sentence, 20% of each label held "
               "out by a fixed seed; text:TRAIN,TEST with a held-out file of the same form; or stdlib-docs, sentences "
               "of the standard library's docstrings labelled by module family. Tokenized with the model's "
               "tokenizer.json to --seq-len tokens.")
