@@ -129,12 +129,15 @@ def test_a_base_encoder_gets_a_head_learns_the_task_and_reloads(hf_dirs, task, t
 
 
 @pytest.mark.slow
-def test_a_sequence_classifier_is_resized_and_reloads(hf_dirs, task, tmp_path):
+def test_a_sequence_classifier_is_resized_and_reloads(cli, hf_dirs, task, tmp_path):
     result = _finetune(f"hf:{hf_dirs['bertcls']}", f"text:{task}", tmp_path, epochs=1)
     assert "classifier reset from 3 to 2 classes" in " ".join(result.doc["notes"])
     assert sum(layer["module"] == "wasi" for layer in result.doc["layers"]) == BLOCK_LINEARS
     ids = torch.randint(2, len(WORDS) + 2, (2, 16))
     assert _same_outputs(result.model, tmp_path / "ft.safetensors", ids)(ids).shape == (2, 2)
+    # a checkpoint carries no tokenizer: fine-tuning it again on text says so
+    _one_error_line(cli("finetune", tmp_path / "ft.safetensors", "--data", f"text:{task}", "--epochs", "1"),
+                    "no tokenizer.json", "checkpoint")
 
 
 @pytest.mark.slow
