@@ -1,4 +1,4 @@
-"""`wasi-compress finetune MODEL --data mnist|digits|DIR`: fine-tune in the weight subspace with compressed
+"""`wasi-compress finetune MODEL --data mnist|digits|DIR|text:FILE|stdlib-docs`: fine-tune in the weight subspace with compressed
 activations, within an activation budget, and show the measured memory and time against ordinary
 fine-tuning. Thin: options -> wasi_compress.finetune.finetune -> progress, tables, JSON, report.
 
@@ -10,12 +10,13 @@ Under torchrun the same command trains with DDP (optimizer-step rule; gloo on CP
 
 from __future__ import annotations
 
+from collections import Counter
+
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from wasi_compress.cli._common import check_device, console_for, device_option, model_options, plain, wraps_user_errors
-from wasi_compress.errors import UserError
 from wasi_compress.units import format_bytes
 
 _MEMORY_ROWS = (
@@ -58,6 +59,9 @@ def render(doc: dict, console) -> None:
     if doc.get("step_time_median_s") is not None:
         console.print(f"median step time: {doc['step_time_median_s'] * 1000:.1f} ms")
     console.print(f"final held-out accuracy: {doc['final']['accuracy']:.2%}")
+    kinds = Counter(layer["module"] for layer in doc.get("layers") or [])
+    if kinds:  # so a run that replaced nothing is visible at a glance
+        console.print(f"linear layers: {', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}", highlight=False)
     if doc.get("activation_plan"):
         planning = doc.get("activation_planning") or {}
         console.print(f"activation plan: {format_bytes(planning.get('total_cost_bytes', 0))} of "
@@ -90,7 +94,11 @@ def render_jactus(plan: dict, console) -> None:
 
 @click.command("finetune")
 @model_options
-@click.option("--data", required=True, help="mnist, digits, or an image folder (one subfolder per class).")
+@click.option("--data", required=True, help="Images: mnist, digits, or an image folder (one subfolder per class). "
+              "Text (for a text model): text:FILE, one example a line as label<TAB>sentence, 20% of each label held "
+              "out by a fixed seed; text:TRAIN,TEST with a held-out file of the same form; or stdlib-docs, sentences "
+              "of the standard library's docstrings labelled by module family. Tokenized with the model's "
+              "tokenizer.json to --seq-len tokens.")
 @click.option("--method", type=click.Choice(["wasi", "asi", "vanilla", "jactus"]), default="wasi", show_default=True,
               help="wasi: weight subspace + compressed activations; asi: compressed activations; vanilla: ordinary; "
                    "jactus: compress to --retain and adapt in one go (task-aware union subspaces, only the cores train).")
@@ -152,8 +160,6 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
 
     import os
 
-    if seq_len is not None:
-        raise UserError("finetune trains image classifiers on image data; --seq-len is for analyze and convert of text models")
     console = console_for(json_path)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
     config = FinetuneConfig(
@@ -163,7 +169,7 @@ def command(model, arch, weights, trust_pickle, trust_code, num_classes, img_siz
         step_in_backward=step_in_backward, memory_budget=memory_budget, micro_batches=micro_batches,
         recompute=recompute, finetune_last=finetune_last, frozen_dtype=frozen_dtype, allow_unchanged=allow_unchanged, seed=seed, resume=resume, output=output,
         json_path=json_path, report_dir=report_dir, device=check_device(device), arch=arch, weights=weights,
-        trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size,
+        trust_pickle=trust_pickle, trust_code=trust_code, num_classes=num_classes, img_size=img_size, seq_len=seq_len,
         retain=retain, budget=budget, calib_batches=calib_batches)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -8,7 +8,8 @@ the same bytes) with
 - ``toolkit_version``: the ``wasi_compress.__version__`` that wrote it;
 - ``source``: how to build the original architecture without weights: ``{"arch": "timm:<name>" |
   "builtin:<name>" | "package.module:factory" | "hf:<ModelClass>", "num_classes": int | null, "img_size":
-  int | null}``; an ``hf:`` source adds ``hf_config`` (the transformers config, JSON) and ``seq_len``;
+  int | null}``; an ``hf:`` source adds ``hf_config`` (the transformers config, JSON) and ``seq_len``, and ``head``
+  (``"mean-pool"``, hf.HEADS) when finetune gave a base text encoder a classification head;
 - ``structure``: one entry per replaced linear site, ``{"name", "kind": "module" | "functional",
   "module": "subspace" | "jactus", "rank", "bias", "in_features", "out_features"}``, and for ``jactus``
   (a JactusLinear: Q_L, C, Q_R) ``rank_in`` too: ``rank`` is k_L, ``rank_in`` k_R; ``name`` is the site's name in
@@ -379,6 +380,8 @@ def _check_source(source: Any, *, where: str) -> dict[str, Any]:
     out = {"arch": source["arch"], "num_classes": source.get("num_classes"), "img_size": source.get("img_size")}
     if source["arch"].startswith("hf:"):  # a transformers class and its config (hf.py), read as data
         out.update(hf_config=source.get("hf_config"), seq_len=source.get("seq_len"))
+        if source.get("head") is not None:  # a classification head added to a base encoder (hf.HEADS)
+            out["head"] = source["head"]
     for key, low in (("num_classes", 0), ("img_size", 1)):  # timm's num_classes=0: no classifier (EVA-02 tiny)
         if out[key] is not None and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < low):
             raise UserError(f"{where}: the checkpoint's source {key} must be an integer >= {low} or null, got {out[key]!r}")

@@ -10,7 +10,8 @@ an import a file names, and ``trust_remote_code`` is never set. The model is wra
 one tensor and returns one tensor, as every command and the ONNX export expect: pixel values for vision
 models; token ids for text models, their attention mask derived from the ids (``pad_token_id``, exactly
 the mask a tokenizer gives for padding). The output is the ModelOutput's ``logits`` (classifiers) or
-``last_hidden_state`` (base models)."""
+``last_hidden_state`` (base models); a base text model fine-tuned as a classifier carries a head from
+``HEADS`` (mean pooling over the mask, then a linear), which its checkpoint's source names."""
 
 from __future__ import annotations
 
@@ -272,6 +273,24 @@ class HFVisionModel(HFModel):
         return self.hf(pixel_values=pixel_values, return_dict=True)[self.output_key]
 
 
+class MeanPoolClassifier(nn.Module):
+    """A classification head for a base text encoder: the mean of its last hidden state over the real
+    tokens (the attention mask; sentence-transformers pools so), then one linear to the classes."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return self.classifier(pooled)
+
+
+# the heads a checkpoint may name (its source's "head"): read as data, looked up here, never imported
+HEADS: dict[str, type[nn.Module]] = {"mean-pool": MeanPoolClassifier}
+
+
 class HFTextModel(HFModel):
     def __init__(self, model: nn.Module, *, seq_len: int):
         super().__init__(model)
@@ -279,13 +298,33 @@ class HFTextModel(HFModel):
         pad = getattr(cfg, "pad_token_id", None)
         self.token_input = TokenInput(int(cfg.vocab_size), int(seq_len), None if pad is None else int(pad))
         self.hf_source["seq_len"] = int(seq_len)
+        self.head: nn.Module | None = None
+
+    def add_head(self, num_classes: int, kind: str = "mean-pool") -> None:
+        """Give a base encoder (output: hidden states) a classification head of `kind` (``HEADS``); the
+        checkpoint source records it, so the checkpoint rebuilds with it."""
+        if self.output_key != "last_hidden_state":
+            raise UserError(f"{type(self.hf).__name__} already outputs logits; it needs no added head")
+        if kind not in HEADS:
+            raise UserError(f"unknown text classification head {kind!r}; known: {', '.join(HEADS)}")
+        self.head = HEADS[kind](int(self.hf.config.hidden_size), num_classes)
+        self.num_classes = num_classes
+        self.hf_source["head"] = kind
+
+    def reset_classifier(self, num_classes: int) -> None:
+        if self.head is None:
+            return super().reset_classifier(num_classes)
+        self.add_head(num_classes, self.hf_source["head"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask`` defaults to the padding of `input_ids` (the mask a tokenizer gives); the
         commands and the ONNX export pass ids alone."""
         pad = self.token_input.pad_token_id
         mask = attention_mask if attention_mask is not None else (None if pad is None else (input_ids != pad).long())
-        return self.hf(input_ids=input_ids, attention_mask=mask, return_dict=True)[self.output_key]
+        out = self.hf(input_ids=input_ids, attention_mask=mask, return_dict=True)[self.output_key]
+        if self.head is None:
+            return out
+        return self.head(out, mask if mask is not None else torch.ones_like(input_ids))
 
 
 def wrap(model: nn.Module, *, seq_len: int | None = None, mean=None, std=None) -> HFModel:
@@ -310,7 +349,16 @@ def build_from_source(source: dict[str, Any], *, where: str) -> nn.Module:
     cls = _class(source["arch"][len(PREFIX):], model_type, where)
     cfg = _config_object(config, model_type, num_classes=source.get("num_classes"), img_size=None, where=where)
     seq_len = source.get("seq_len")
-    return wrap(cls(cfg).eval(), seq_len=seq_len if isinstance(seq_len, int) and seq_len > 0 else None)
+    model = wrap(cls(cfg).eval(), seq_len=seq_len if isinstance(seq_len, int) and seq_len > 0 else None)
+    head = source.get("head")
+    if head is not None:  # a base encoder fine-tuned with an added classification head (HEADS)
+        num_classes = source.get("num_classes")
+        if not isinstance(model, HFTextModel) or not isinstance(head, str) or head not in HEADS \
+                or not isinstance(num_classes, int) or num_classes < 1:
+            raise UserError(f"{where}: its source names the head {head!r} with {num_classes!r} classes; known heads "
+                            f"are {', '.join(HEADS)} on a text base model with one or more classes")
+        model.add_head(num_classes, head)
+    return model
 
 
 def _first_line(exc: BaseException) -> str:

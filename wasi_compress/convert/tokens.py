@@ -43,11 +43,15 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
-def tokenize_lines(model: nn.Module, lines: list[str], seq_len: int) -> torch.Tensor:
-    """Token ids (len(lines) x seq_len), truncated and padded with the model's pad id."""
+_NO_TOKENIZER = "calibrating on text needs the model's tokenizer.json in its hf: folder; use --calib random"
+
+
+def tokenize_lines(model: nn.Module, lines: list[str], seq_len: int, *, missing: str = _NO_TOKENIZER) -> torch.Tensor:
+    """Token ids (len(lines) x seq_len), truncated and padded with the model's pad id. ``missing``: the
+    error when the model's folder has no tokenizer.json."""
     folder = getattr(model, "hf_dir", None)
     if folder is None or not (Path(folder) / "tokenizer.json").is_file():
-        raise UserError("calibrating on text needs the model's tokenizer.json in its hf: folder; use --calib random")
+        raise UserError(missing)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))

@@ -5,7 +5,10 @@ measure what a step costs against ordinary fine-tuning, checkpoint every epoch, 
 
 1. load MODEL and the data (``mnist``, ``digits`` or an image folder, with the fixed held-out split of
    ``wasi_compress.data``); images are resized / converted to the model's input per batch and the notes
-   say so; a classifier whose size differs from the data's classes is reset (timm ``reset_classifier``);
+   say so; a classifier whose size differs from the data's classes is reset (timm ``reset_classifier``).
+   A text model takes a text task instead (``text:FILE``, ``text:TRAIN,TEST`` or ``stdlib-docs``;
+   text_data.py, stdlib_docs.py), tokenized with its own tokenizer; a base encoder gets a mean-pool
+   classification head (``hf.HFTextModel.add_head``), recorded in the checkpoint's source;
 2. with ``--finetune-last N``, freeze everything that runs before the last N blocks (nothing is saved for
    backward there);
 3. with ``--activation-budget``, plan per-layer Tucker ranks of the saved inputs under that many bytes
@@ -38,9 +41,10 @@ replicas would drift apart. Rank 0 measures, evaluates and writes the outputs::
     torchrun --nproc-per-node 2 .venv/bin/wasi-compress finetune builtin:mnist-vit --data digits \\
         --method wasi --update optimizer-step --epochs 5 -o out/ddp.safetensors --json out/ddp.json
 
-Layout: config.py (FinetuneConfig), data.py (the splits), steps.py (one step, schedule, optimizer),
-step_memory.py (measuring a step), resume.py (the resume state), distributed.py (process group set-up
-and tear-down), document.py (finetune/1 and the checkpoint), job.py (the run).
+Layout: config.py (FinetuneConfig), data.py (the splits), text_data.py and stdlib_docs.py (text tasks),
+steps.py (one step, schedule, optimizer), step_memory.py (measuring a step), resume.py (the resume state),
+distributed.py (process group set-up and tear-down), document.py (finetune/1 and the checkpoint), job.py
+(the run).
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ class FinetuneConfig:
     trust_code: bool = False
     num_classes: int | None = None
     img_size: int | None = None
+    seq_len: int | None = None  # a text model's padded token length (None: 128, capped at its positions)
     calibration_thresholds: tuple[float, ...] = CALIBRATION_THRESHOLDS
     measure_memory: bool = True
     # --method jactus: the retained share of the model's parameters (or --budget, bytes of them in float32)
@@ -95,10 +96,7 @@ class FinetuneConfig:
     calib_batches: int = 4
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise UserError("MODEL is empty")
-        if not isinstance(self.data, str) or not self.data.strip():
-            raise UserError("--data is empty: give mnist, digits or an image folder")
+        self._check_model_and_data()
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         self.update = canonical_update(self.update)
@@ -153,6 +151,16 @@ class FinetuneConfig:
         if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
             raise UserError(f"calibration thresholds must be in (0, 1], got {list(self.calibration_thresholds)}")
         self.calibration_thresholds = thresholds
+
+    def _check_model_and_data(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise UserError("MODEL is empty")
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise UserError("--data is empty: give mnist, digits or an image folder (images), or text:FILE or "
+                            "stdlib-docs (text)")
+        if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
+                                         or self.seq_len < 1):
+            raise UserError(f"--seq-len must be an integer >= 1, got {self.seq_len!r}")
 
     def _check_jactus(self) -> None:
         if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
@@ -219,8 +227,11 @@ class FinetuneConfig:
         from wasi_compress.hf import model_folder
         from wasi_compress.outputs import check_paths
 
-        check_paths({"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights},
-                    self.output_paths(), data_folders={"--data": self.data, "MODEL": model_folder(self.model)})
+        from wasi_compress.finetune.text_data import data_files
+
+        inputs = {"MODEL": self.model if Path(self.model).is_file() else None, "--weights": self.weights}
+        inputs.update({f"--data {path}": path for path in data_files(self.data)})
+        check_paths(inputs, self.output_paths(), data_folders={"--data": self.data, "MODEL": model_folder(self.model)})
 
     def output_paths(self) -> dict[str, str | Path | None]:
         """Every file the run may write, by the flag that names it (None where not written)."""

@@ -1,4 +1,5 @@
-"""The train and held-out splits of a fine-tuning run, fitted to the model's input per batch."""
+"""The train and held-out splits of a fine-tuning run, fitted to the model's input per batch: images
+here, token ids for a text model (text_data.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,25 @@ class TrainingData:
         from wasi_compress.evaluation import batched
 
         return batched(self.test.images, self.test.labels, EVAL_BATCH, self.batch)
+
+
+def training_data(config, loaded):
+    """The run's splits: text (text_data.TextData) for a text model, images otherwise; a text task for an
+    image model, or images for a text model, is one line."""
+    from wasi_compress.errors import UserError
+    from wasi_compress.finetune.text_data import TextData, is_text_data
+    from wasi_compress.inputs import is_text_model
+
+    text_model, text_data = is_text_model(loaded.model), is_text_data(config.data)
+    if text_model and not text_data:
+        raise UserError(f"{config.model} is a text model and --data {config.data} is images; give a text task: "
+                        "text:FILE (one label<TAB>sentence a line) or stdlib-docs")
+    if text_data and not text_model:
+        raise UserError(f"--data {config.data} is a text task, but {config.model} is an image model; give images "
+                        "(mnist, digits, a folder) or a text model (hf:<dir>, builtin:minilm)")
+    if text_model:
+        return TextData(config.data, loaded.model, config.device)
+    return TrainingData(config.data, loaded.input_size, loaded.mean, loaded.std, config.device)
 
 
 def permutation(n: int, seed: int, epoch: int) -> Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from wasi_compress.finetune.step_memory import SOURCES as STEP_SOURCES
+from wasi_compress.inputs import is_text_model
 from wasi_compress.reports import FinetuneReport, Source
 from wasi_compress.transforms.training import to_inference_
 
@@ -35,7 +36,9 @@ def checkpoint_source(config, loaded, num_classes: int | None) -> dict[str, Any]
     source = checkpoint_source(config.model, arch=config.arch, img_size=config.img_size, metadata=loaded.metadata,
                                num_classes=recorded)
     hf_source = getattr(loaded.model, "hf_source", None)
-    if source is None and isinstance(hf_source, dict):  # an hf: model records its class and config (hf.py)
+    # an hf: model records its class and config (hf.py); a text model always, as finetune may have added a
+    # head to it (builtin:minilm included: its builtin source would rebuild without one)
+    if isinstance(hf_source, dict) and (source is None or is_text_model(loaded.model)):
         source = {**hf_source, "num_classes": getattr(loaded.model, "num_classes", None), "img_size": None}
     return source
 

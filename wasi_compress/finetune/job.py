@@ -21,7 +21,7 @@ from wasi_compress import fileio
 from wasi_compress.errors import DivergedError, UserError
 from wasi_compress.finetune import distributed as dist_utils
 from wasi_compress.finetune.config import FinetuneConfig
-from wasi_compress.finetune.data import TrainingData, evaluate, permutation
+from wasi_compress.finetune.data import evaluate, permutation, training_data
 from wasi_compress.inputs import is_text_model
 from wasi_compress.finetune.document import checkpoint_source, document, write_checkpoint
 from wasi_compress.finetune.resume import (
@@ -96,12 +96,9 @@ class FinetuneRun:
         if loaded is None:
             loaded = load_model(config.model, arch=config.arch, weights=config.weights, trust_pickle=config.trust_pickle,
                                 trust_code=config.trust_code,
-                                num_classes=config.num_classes, img_size=config.img_size)
-        if is_text_model(loaded.model):
-            raise UserError(f"{config.model} is a text model; finetune trains image classifiers on image data "
-                            "(analyze, convert and check take text models)")
+                                num_classes=config.num_classes, img_size=config.img_size, seq_len=config.seq_len)
         self.status("loading the data")
-        self.data = TrainingData(config.data, loaded.input_size, loaded.mean, loaded.std, config.device)
+        self.data = training_data(config, loaded)
         self.notes += self.data.notes
         self.source = checkpoint_source(config, loaded, self._reset_classifier(loaded))
         if config.output and self.source is None:
@@ -110,8 +107,11 @@ class FinetuneRun:
         return loaded
 
     def _reset_classifier(self, loaded) -> int | None:
-        """A classifier whose size differs from the data's classes is reset (timm reset_classifier)."""
+        """A classifier whose size differs from the data's classes is reset (timm reset_classifier); a base
+        text encoder (hidden states out) gets a classification head (hf.HFTextModel.add_head)."""
         model, classes = loaded.model, self.data.num_classes
+        if loaded.num_classes is None and is_text_model(model):
+            return self._add_text_head(model, classes)
         if loaded.num_classes is None or loaded.num_classes == classes:
             return None
         if not hasattr(model, "reset_classifier"):
@@ -120,6 +120,16 @@ class FinetuneRun:
         torch.manual_seed(self.config.seed)
         model.reset_classifier(classes)
         self.notes.append(f"classifier reset from {loaded.num_classes} to {classes} classes (the data's)")
+        return classes
+
+    def _add_text_head(self, model: nn.Module, classes: int) -> int:
+        if not hasattr(model, "add_head"):
+            raise UserError(f"{self.config.model} outputs hidden states and has no classification head to add; "
+                            "give an hf: text model or a checkpoint of one")
+        torch.manual_seed(self.config.seed)
+        model.add_head(classes)
+        self.notes.append(f"added a classification head to the encoder: the mean of its last hidden state over the "
+                          f"attention mask, then a linear to {classes} classes (saved in the checkpoint)")
         return classes
 
     def _prepare(self, model: nn.Module) -> None:
@@ -209,7 +219,7 @@ class FinetuneRun:
         n = min(len(train), c.calib_batches * c.batch_size)
         batches = [(self.data.batch(train.images[i:i + c.batch_size]), train.labels[i:i + c.batch_size].to(c.device))
                    for i in range(0, n, c.batch_size)]
-        self.status(f"JACTUS: calibrating on {n} training images and allocating ranks")
+        self.status(f"JACTUS: calibrating on {n} training examples and allocating ranks")
         plan = jactus_(model, c.jactus_config(), calib=batches, example=self.calib_x[:2])
         from wasi_compress.passes.capture import capture
 

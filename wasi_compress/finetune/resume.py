@@ -25,7 +25,7 @@ RESUME_VERSION = 1
 # Settings that must match between a run and the run that resumes it (epochs may grow).
 _RESUME_KEYS = ("model", "data", "method", "update", "threshold", "activation_threshold", "activation_budget",
                 "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "step_in_backward",
-                "finetune_last", "memory_budget", "micro_batches", "recompute", "seed", "arch", "weights", "num_classes", "img_size")
+                "finetune_last", "memory_budget", "micro_batches", "recompute", "seed", "arch", "weights", "num_classes", "img_size", "seq_len")
 
 
 def resume_path(output: str | os.PathLike) -> Path:
