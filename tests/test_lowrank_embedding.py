@@ -83,12 +83,16 @@ def test_weighting_protects_the_frequent_tokens():
     assert err(weighted) < 0.8 * err(plain)
 
 
-def test_row_weights_skip_padding_and_keep_a_floor():
-    counts = torch.tensor([100.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+def test_row_weights_skip_padding_and_give_unseen_rows_the_good_turing_mass():
+    counts = torch.tensor([100.0, 3.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     w = row_weights(counts, padding_idx=0)
     assert w[3] > 0 and w[1] > w[2] > w[3]
-    assert abs(float(w[0]) - 0.25) < 1e-12  # the padding row has the floor alone
+    assert abs(float(w.sum()) - 1.0) < 1e-12
+    # 4 calibration tokens (padding not counted), 1 seen once: the unseen rows (padding among them) share 1/4
+    assert torch.allclose(w[[0, 3, 4]], torch.full((3,), 0.25 / 3, dtype=torch.float64))
+    assert abs(float(w[1]) - 0.75 * 3 / 4) < 1e-12
     assert torch.allclose(row_weights(torch.zeros(4, dtype=torch.float64), None), torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.equal(row_weights(torch.tensor([2.0, 6.0]), None), torch.tensor([0.25, 0.75], dtype=torch.float64))
 
 
 def test_a_budget_the_embedding_dominates_is_reachable_only_with_it(tmp_path):
