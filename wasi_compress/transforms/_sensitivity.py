@@ -10,7 +10,12 @@ How: per layer, a few probe ranks (``PROBES``, spread over its candidates' bytes
 would be (one factorization, truncated), swapped in alone, and the model's output on a calibration
 batch is compared with the original's: s(k) = ||f_k(x) - f(x)||_F / ||f(x)||_F over the probe's
 layer-scale error. Every candidate's error is multiplied by s interpolated at its rank (first order
-across layers: errors of different layers add)."""
+across layers: errors of different layers add). An embedding's candidates that keep rows exactly
+(_lowrank_embeddings.py) take the s of its plain probes at their rank: on the calibration rows a probe
+runs, the kept rows are exact, and it would measure none of the error unseen tokens meet.
+
+Text models count their real tokens only (`real_tokens`): padding positions, which the attention mask
+hides from every real token, are left out of the reference and of the error."""
 
 from __future__ import annotations
 

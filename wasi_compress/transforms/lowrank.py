@@ -11,7 +11,8 @@ planner, which picks one candidate per linear: a rank k (``k (in + out)`` elemen
 dense layer; token embeddings are candidates too (``config.embeddings``: E ~ A B, see
 _lowrank_embeddings.py). Every candidate's error is relative to its own layer, so errors add up on one scale:
 ``objective="weight"``: ||W - W_k||_F / ||W||_F; ``objective="data"``: ||X W^T - X W_k^T||_F / ||X W^T||_F
-on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too."""
+on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too; a
+text model's padding positions are not calibration inputs (_lowrank_candidates.real_tokens)."""
 
 from __future__ import annotations
 
