@@ -210,6 +210,8 @@ def test_data_objective_keeps_the_calibration_rows_when_they_pay_and_prices_them
     with torch.no_grad():
         assert torch.equal(embed(kept_ids), TinyTextModel().embed(kept_ids))
     assert param_bytes(plan.model, torch.float32) + embed.slots.numel() * 4 <= total // 2
+    again = lowrank_(TinyTextModel(), LowRankConfig(budget=total // 2, objective="data"), example=calib[0], calib=calib)
+    assert all(torch.equal(a, b) for a, b in zip(embed.state_dict().values(), again.model.embed.state_dict().values()))
 
 
 def test_checkpoint_and_onnx_of_an_embedding_with_kept_rows(tmp_path, monkeypatch):
