@@ -136,7 +136,7 @@ def conversions(args, emit) -> None:
          f"model-scale errors from {_sensitivity.PROBES} probe ranks per layer on {_sensitivity.PROBE_ROWS} calibration rows")
     emit()
     head = (f"{'bytes':>6} {'objective':<9} {'cos mean':>8} {'cos min':>8} {'same NN':>8} {'NN rank':>8} "
-            f"{'file bytes':>10} {'emb rank':>8} {'lin fact':>8} {'ort b1':>7} {'ort b' + str(len(xb)):>8} {'onnx diff':>9} {'conv s':>6}")
+            f"{'file bytes':>10} {'emb rank':>9} {'lin fact':>8} {'ort b1':>7} {'ort b' + str(len(xb)):>8} {'onnx diff':>9} {'conv s':>6}")
     emit(head)
     emit("-" * len(head))
     for frac in args.fractions:
@@ -151,19 +151,22 @@ def conversions(args, emit) -> None:
             m = compare(original, sentence_embeddings(result.model, held, pad))
             ranks = {layer["name"]: layer["rank"] for layer in result.report["layers"]}
             emb = ranks.get("hf.embeddings.word_embeddings")
+            kept = {layer["name"]: layer.get("kept") for layer in result.report["layers"]}.get("hf.embeddings.word_embeddings")
+            emb = "dense" if emb is None else f"{emb}+{kept}" if kept else str(emb)
             linears = [r for k, r in ranks.items() if "embeddings" not in k]
             factored = sum(r is not None for r in linears)
             lat = {b: ort_latency(onnx, x, args.runs) for b, x in ((1, x1), (len(xb), xb))}
             emit(f"{frac:>6.0%} {objective:<9} {m['cos_mean']:>8.4f} {m['cos_min']:>8.4f} "
                  f"{m['same_nn'] * len(held):>4.0f}/{len(held):<3} {m['nn_rank']:>8.2f} {out.stat().st_size:>10} "
-                 f"{emb if emb is not None else 'dense':>8} {factored:>4}/{len(linears):<3} "
+                 f"{emb:>9} {factored:>4}/{len(linears):<3} "
                  f"{base[1] / lat[1]:>6.2f}x {base[len(xb)] / lat[len(xb)]:>7.2f}x {result.report['onnx']['max_abs_diff']:>9.1e} {took:>6.0f}")
             del result
             gc.collect()
     emit()
     emit("cos = cosine similarity of each held-out sentence's embedding, original vs converted; same NN = sentences")
     emit("whose nearest held-out neighbour is unchanged; NN rank = mean rank of the original's neighbour under the")
-    emit("converted model (1 = kept); emb rank = rank of the 30522 x 384 token embedding (dense = kept); lin fact =")
+    emit("converted model (1 = kept); emb rank = rank of the 30522 x 384 token embedding (dense = kept; +n: the rows of")
+    emit("the calibration's n most frequent tokens stored exactly beside the factors); lin fact =")
     emit("linears factored of the linears; ort = onnxruntime speed-up over the original at batch 1 and the batch;")
     emit("onnx diff = max abs difference of the converted ONNX from torch (the convert job's parity check)")
 

@@ -83,12 +83,16 @@ def test_weighting_protects_the_frequent_tokens():
     assert err(weighted) < 0.8 * err(plain)
 
 
-def test_row_weights_skip_padding_and_keep_a_floor():
-    counts = torch.tensor([100.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+def test_row_weights_skip_padding_and_give_unseen_rows_the_good_turing_mass():
+    counts = torch.tensor([100.0, 3.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     w = row_weights(counts, padding_idx=0)
     assert w[3] > 0 and w[1] > w[2] > w[3]
-    assert abs(float(w[0]) - 0.25) < 1e-12  # the padding row has the floor alone
+    assert abs(float(w.sum()) - 1.0) < 1e-12
+    # 4 calibration tokens (padding not counted), 1 seen once: the unseen rows (padding among them) share 1/4
+    assert torch.allclose(w[[0, 3, 4]], torch.full((3,), 0.25 / 3, dtype=torch.float64))
+    assert abs(float(w[1]) - 0.75 * 3 / 4) < 1e-12
     assert torch.allclose(row_weights(torch.zeros(4, dtype=torch.float64), None), torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.equal(row_weights(torch.tensor([2.0, 6.0]), None), torch.tensor([0.25, 0.75], dtype=torch.float64))
 
 
 def test_a_budget_the_embedding_dominates_is_reachable_only_with_it(tmp_path):
@@ -172,3 +176,87 @@ def test_model_scale_errors_stop_the_embedding_from_taking_the_whole_cut():
         assert err(auto.model) <= err(layer.model) + 1e-6
     with pytest.raises(Exception, match="error_scale"):
         LowRankConfig(budget=1000, error_scale="model")  # measured on data: needs the data objective
+
+
+def test_kept_rows_are_exact_and_the_rest_is_the_weighted_factorization():
+    emb = nn.Embedding(300, 20, padding_idx=0)
+    emb.weight.data = _table(rank=12)
+    kept = torch.tensor([5, 7, 11])
+    low = LowRankEmbedding.from_embedding(emb, 4, None, kept)
+    plain = LowRankEmbedding.from_embedding(emb, 4)
+    rest = torch.tensor([i for i in range(1, 300) if i not in (5, 7, 11)])
+    with torch.no_grad():
+        assert torch.equal(low(kept), emb(kept))
+        assert low.kept == 3 and low.slots.dtype == torch.int32 and float(low.D[-1].abs().sum()) == 0.0
+        # the factors serve the other rows alone: no worse on them than the factors of the whole table
+        assert float((low(rest) - emb(rest)).norm()) <= float((plain(rest) - emb(rest)).norm()) + 1e-5
+    assert "kept=3" in repr(low)
+
+
+def test_data_objective_keeps_the_calibration_rows_when_they_pay_and_prices_them():
+    """A calibration that uses 19 of 600 tokens: keeping those rows exactly costs less than one rank of
+    the table, so the plan keeps them; the model's bytes match the planner's accounting (slots counted)."""
+    from wasi_compress.transforms.lowrank import param_bytes
+
+    model = TinyTextModel()
+    total = sum(p.numel() * 4 for p in model.parameters())
+    calib = [torch.randint(1, 20, (4, 9), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plan = lowrank_(model, LowRankConfig(budget=total // 2, objective="data"), example=calib[0], calib=calib)
+    embed = plan.model.embed
+    assert isinstance(embed, LowRankEmbedding) and embed.kept > 0
+    assert dict(plan.chosen)["embed"].label.endswith(f"+ {embed.kept} rows")
+    kept_ids = torch.nonzero(embed.slots < embed.kept).flatten()
+    assert set(kept_ids.tolist()) <= set(torch.cat(calib).flatten().tolist())  # calibration tokens only
+    with torch.no_grad():
+        assert torch.equal(embed(kept_ids), TinyTextModel().embed(kept_ids))
+    assert param_bytes(plan.model, torch.float32) + embed.slots.numel() * 4 <= total // 2
+    again = lowrank_(TinyTextModel(), LowRankConfig(budget=total // 2, objective="data"), example=calib[0], calib=calib)
+    assert all(torch.equal(a, b) for a, b in zip(embed.state_dict().values(), again.model.embed.state_dict().values()))
+
+
+def test_checkpoint_and_onnx_of_an_embedding_with_kept_rows(tmp_path, monkeypatch):
+    import os
+
+    import onnx
+    import onnxruntime as ort
+
+    from wasi_compress.checkpoint import save_checkpoint, structure_entry
+    from wasi_compress.transforms._lowrank_embeddings import EmbeddingSite
+
+    model = TinyTextModel()
+    model.embed = LowRankEmbedding.from_embedding(model.embed, 6, None, torch.tensor([3, 4, 9, 17]))
+    ids = torch.tensor([[3, 5, 9, 0, 17, 250, 4, 599]])
+    entry = structure_entry(EmbeddingSite("embed", 24, 600, "embed.weight"), model.embed)
+    assert entry["kept"] == 4
+    out = save_checkpoint(tmp_path / "m.safetensors", model, source={"arch": "test_lowrank_embedding:TinyTextModel"},
+                          structure=[entry])
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    restored = wasi_compress.load(str(out), trust_code=True)  # the factory is this test file
+    path = tmp_path / "e.onnx"
+    with torch.no_grad():
+        expected = model(ids)
+        assert torch.equal(restored(ids), expected)
+        torch.onnx.export(model, (ids,), str(path), input_names=["ids"], opset_version=17, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"ids": ids.numpy()})[0]
+    assert float(abs(torch.from_numpy(got) - expected).max()) < 1e-5
+
+
+def test_padding_positions_are_left_out_of_the_calibration_statistics():
+    """A text model whose attention mask hides padding (a token_input with a pad id): its padding rows
+    never reach a real token, so the second moments count the real tokens alone."""
+    from wasi_compress.hf import TokenInput
+    from wasi_compress.passes.capture import capture
+    from wasi_compress.transforms._lowrank_candidates import site_weights, whitenings_from
+
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 0, 0, 0, 0]])
+    for pad, rows in ((None, 12), (0, 5)):
+        model = TinyTextModel()
+        model.token_input = TokenInput(600, 6, pad)
+        layers = [site_weights(model, site, 4) for site in capture(model, ids).sites]
+        whitenings = whitenings_from(model, layers, [ids], ids.device, lambda *_: None)
+        assert {wh.rows for wh in whitenings.values()} == {rows}
+        if pad is not None:  # the same second moment as the real tokens' rows alone
+            real = model.embed(ids[ids != 0])
+            assert torch.allclose(whitenings["fc1"].gram, real.double().T @ real.double())

@@ -14,8 +14,8 @@ the same bytes) with
   "module": "subspace" | "jactus", "rank", "bias", "in_features", "out_features"}``, and for ``jactus``
   (a JactusLinear: Q_L, C, Q_R) ``rank_in`` too: ``rank`` is k_L, ``rank_in`` k_R; ``name`` is the site's name in
   the source architecture (module qualname, or the weight's qualname for a functional linear); a token
-  embedding factored as E ~ A B has ``"module": "embedding"``, ``in_features`` its vocabulary and
-  ``out_features`` its width;
+  embedding factored as E ~ A B has ``"module": "embedding"``, ``in_features`` its vocabulary,
+  ``out_features`` its width, and ``kept`` (its rows stored exactly) when it keeps any;
 - ``explicit_attention``: whether ``nn.MultiheadAttention`` modules were rewritten with explicit
   projections (passes/attention.py) before the sites were replaced;
 - ``aliases``: ``{dropped key: kept key}`` for state-dict entries that shared one tensor (stored once);
@@ -71,8 +71,9 @@ def structure_entry(site: LinearSite, module: nn.Module) -> dict[str, Any]:
                 "bias": module.second.bias is not None, "in_features": int(module.in_features),
                 "out_features": int(module.out_features)}
     if isinstance(module, LowRankEmbedding):
-        return {"name": site.name, "kind": "module", "module": "embedding", "rank": int(module.rank), "bias": False,
-                "in_features": module.num_embeddings, "out_features": module.embedding_dim}
+        entry = {"name": site.name, "kind": "module", "module": "embedding", "rank": int(module.rank), "bias": False,
+                 "in_features": module.num_embeddings, "out_features": module.embedding_dim}
+        return entry | ({"kept": int(module.kept)} if module.kept else {})  # rows stored exactly (0: none)
     if not isinstance(module, _FACTORED):
         raise TypeError(f"{site.name}: only SubspaceLinear and JactusLinear modules are recorded, got {type(module).__name__}")
     entry = {"name": site.name, "kind": site.kind, "module": "subspace", "rank": int(module.rank),
@@ -329,9 +330,10 @@ def _apply_embeddings(model: nn.Module, entries: list[dict[str, Any]], where: st
         if (e["in_features"], e["out_features"]) != (m.num_embeddings, m.embedding_dim):
             raise UserError(f"{where}: the embedding {e['name']} is {e['in_features']}x{e['out_features']} in the "
                             f"checkpoint but {m.num_embeddings}x{m.embedding_dim} in the source architecture")
-        if e["rank"] > min(e["in_features"], e["out_features"]) or e["bias"]:
-            raise UserError(f"{where}: the embedding {e['name']} has rank {e['rank']} (or a bias), above what it can hold")
-        new = LowRankEmbedding.empty(e["in_features"], e["out_features"], e["rank"])
+        if e["rank"] > min(e["in_features"], e["out_features"]) or e["bias"] or e.get("kept", 0) > e["in_features"]:
+            raise UserError(f"{where}: the embedding {e['name']} has rank {e['rank']} or {e.get('kept', 0)} kept rows "
+                            "(or a bias), above what it can hold")
+        new = LowRankEmbedding.empty(e["in_features"], e["out_features"], e["rank"], kept=e.get("kept", 0))
         new.padding_idx = m.padding_idx
         model.set_submodule(e["name"], new)
 
@@ -394,12 +396,14 @@ def _check_entry(entry: Any, *, where: str) -> dict[str, Any]:
     e = {k: entry[k] for k in _STRUCTURE_KEYS}
     if entry.get("module") == "jactus":
         e["rank_in"] = entry.get("rank_in")
+    if entry.get("module") == "embedding" and "kept" in entry:
+        e["kept"] = entry["kept"]
     kinds_ok = isinstance(e["kind"], str) and isinstance(e["module"], str)  # a list or mapping cannot be looked up
     if not kinds_ok or e["kind"] not in ("module", "functional") or e["module"] not in _MODULE_KINDS \
             or not isinstance(e["name"], str):
         raise UserError(f"{where}: structure entry {entry!r}: kind must be module or functional and module one of "
                         f"{', '.join(_MODULE_KINDS)}")
-    for key in ("rank", "in_features", "out_features") + (("rank_in",) if "rank_in" in e else ()):
+    for key in ("rank", "in_features", "out_features") + tuple(k for k in ("rank_in", "kept") if k in e):
         if isinstance(e[key], bool) or not isinstance(e[key], int) or e[key] < 1:
             raise UserError(f"{where}: structure entry {e['name']!r}: {key} must be a positive integer, got {e[key]!r}")
     if not isinstance(e["bias"], bool):

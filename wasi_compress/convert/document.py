@@ -52,6 +52,7 @@ def document(spec: str, config, planned, original: dict[str, Any], converted: di
     """``original`` / ``converted``: {"bytes", "params", "flops", "accuracy"} of each model."""
     elem = config.torch_dtype.itemsize
     the_plan = planned.plan
+    kept = {layer.site.name: layer.kept for layer in planned.layers}  # embeddings: label -> rows kept exactly
     body: dict[str, Any] = {
         "model": spec, "budget_bytes": config.budget_bytes, "total_bytes": planned.total_bytes,
         "original_bytes": original["bytes"], "dtype": config.dtype, "allocator": config.allocator,
@@ -59,8 +60,7 @@ def document(spec: str, config, planned, original: dict[str, Any], converted: di
         "resolution_bytes": the_plan.resolution_bytes, "max_slack_bytes": the_plan.max_slack_bytes,
         "smallest_feasible_bytes": planned.smallest_feasible_bytes, "fixed_bytes": planned.fixed_bytes,
         "buffer_bytes": planned.buffer_bytes, "total_error": round(the_plan.total_error, 6),
-        "layers": [{"name": name, "rank": c.rank, "bytes": c.cost_bytes, "error": round(c.error, 6)}
-                   for name, c in planned.chosen],
+        "layers": [_layer(name, c, kept) for name, c in planned.chosen],
         "params": {"original": original["params"], "converted": converted["params"]},
         "flops": {"original": original["flops"], "converted": converted["flops"]},
         "flops_convention": "fvcore: one multiply-add = 1 FLOP (METHOD.md counts 2), batch of 1",
@@ -72,6 +72,13 @@ def document(spec: str, config, planned, original: dict[str, Any], converted: di
     if original.get("accuracy") is not None:
         body["accuracy"] = {"original": original["accuracy"], "converted": converted["accuracy"], "dataset": config.eval}
     return ConvertReport(body, sources(config, elem)).to_dict()
+
+
+def _layer(name: str, c, kept: dict[str, dict]) -> dict[str, Any]:
+    """A layer's report entry; an embedding that keeps rows exactly says how many (``kept``)."""
+    entry = {"name": name, "rank": c.rank, "bytes": c.cost_bytes, "error": round(c.error, 6)}
+    rows = kept.get(name, {}).get(c.label)
+    return entry if rows is None else entry | {"kept": int(rows.numel())}
 
 
 def checkpoint_extra(config, planned) -> dict[str, Any]:

@@ -10,7 +10,12 @@ How: per layer, a few probe ranks (``PROBES``, spread over its candidates' bytes
 would be (one factorization, truncated), swapped in alone, and the model's output on a calibration
 batch is compared with the original's: s(k) = ||f_k(x) - f(x)||_F / ||f(x)||_F over the probe's
 layer-scale error. Every candidate's error is multiplied by s interpolated at its rank (first order
-across layers: errors of different layers add)."""
+across layers: errors of different layers add). An embedding's candidates that keep rows exactly
+(_lowrank_embeddings.py) take the s of its plain probes at their rank: on the calibration rows a probe
+runs, the kept rows are exact, and it would measure none of the error unseen tokens meet.
+
+Text models count their real tokens only (`real_tokens`): padding positions, which the attention mask
+hides from every real token, are left out of the reference and of the error."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torch import nn
 from wasi_compress.modules.lowrank_embedding import LowRankEmbedding
 from wasi_compress.modules.subspace import SubspaceLinear
 from wasi_compress.planner import Candidate
+from wasi_compress.transforms._lowrank_candidates import real_rows, real_tokens
 
 PROBES = 5          # probe ranks per layer
 PROBE_ROWS = 8      # calibration rows the model runs per probe
@@ -62,7 +68,8 @@ def model_error_scales(model: nn.Module, layers, batch: torch.Tensor, whitenings
     was_training = model.training
     model.eval()
     batch = batch[:PROBE_ROWS]
-    reference = model(batch).float()
+    real = real_tokens(model, batch)  # the positions that count (text models: not the padding)
+    reference = real_rows(model(batch).float(), real)
     norm = float(reference.norm()) or 1.0
     scales: dict[str, list[tuple[int, float]]] = {}
     for i, layer in enumerate(layers):
@@ -77,7 +84,8 @@ def model_error_scales(model: nn.Module, layers, batch: torch.Tensor, whitenings
         try:
             for probe in probes:
                 model.set_submodule(name, make(probe.rank))
-                points.append((probe.rank, float((model(batch).float() - reference).norm()) / norm / probe.error))
+                error = real_rows(model(batch).float(), real) - reference
+                points.append((probe.rank, float(error.norm()) / norm / probe.error))
         finally:
             model.set_submodule(name, dense)
         scales[name] = points
@@ -91,6 +99,11 @@ def rescale(layers, scales: dict[str, list[tuple[int, float]]]) -> None:
     interpolated linearly in rank (constant beyond the probes). Squared, because errors that different
     layers cause in the output are close to independent, so their squares add, not their norms."""
     for layer in layers:
-        ranks, s = zip(*scales[layer.site.name])
-        layer.candidates = [Candidate(c.cost_bytes, (c.error * float(np.interp(c.rank or ranks[-1], ranks, s))) ** 2,
-                                      c.rank, c.label) for c in layer.candidates]
+        layer.candidates = rescaled(layer.candidates, scales[layer.site.name])
+
+
+def rescaled(candidates: list[Candidate], points: list[tuple[int, float]]) -> list[Candidate]:
+    """The candidates with model-scale errors (see `rescale`), s from the (probe rank, s) points."""
+    ranks, s = zip(*points)
+    return [Candidate(c.cost_bytes, (c.error * float(np.interp(c.rank or ranks[-1], ranks, s))) ** 2, c.rank, c.label)
+            for c in candidates]

@@ -11,7 +11,8 @@ planner, which picks one candidate per linear: a rank k (``k (in + out)`` elemen
 dense layer; token embeddings are candidates too (``config.embeddings``: E ~ A B, see
 _lowrank_embeddings.py). Every candidate's error is relative to its own layer, so errors add up on one scale:
 ``objective="weight"``: ||W - W_k||_F / ||W||_F; ``objective="data"``: ||X W^T - X W_k^T||_F / ||X W^T||_F
-on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too."""
+on calibration inputs, from the whitened weight's singular values (SVD-LLM), factors whitened too; a
+text model's padding positions are not calibration inputs (_lowrank_candidates.real_tokens)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ from wasi_compress.transforms._lowrank_candidates import (
     Progress, SiteWeights, conv_sites, rank_candidates, site_weights, unsupported, whitenings_from,
 )
 from wasi_compress.transforms._lowrank_embeddings import (
-    counting_tokens, embedding_layers, embedding_spectrum, factor_embeddings, row_weights,
+    counting_tokens, embedding_layers, embedding_spectrum, factor_embeddings, kept_candidates, row_weights,
 )
-from wasi_compress.transforms._sensitivity import model_error_scales, rescale
+from wasi_compress.transforms._sensitivity import model_error_scales, rescale, rescaled
 from wasi_compress.transforms.config import LowRankConfig
 from wasi_compress.marks import mark_module
 
@@ -129,7 +130,7 @@ def lowrank_(model: nn.Module, config: LowRankConfig, *, example: torch.Tensor,
     ranks = {name: c.rank for name, c in chosen}
     to_replace = [layer for layer in layers if ranks[layer.site.name] not in (None, layer.current_rank)]
     target = _factor(model, cap, to_replace, ranks, whitenings, progress, ReplaceLinearsPass, copy_model_attributes)
-    factor_embeddings(target, embeddings, ranks, token_weights)
+    factor_embeddings(target, embeddings, dict(chosen), token_weights)
     if dtype != torch.float32:
         _round_trip_dtype(target, dtype)  # compute with exactly the weights a checkpoint stores
     total = param_bytes(target, dtype)
@@ -149,16 +150,16 @@ def _costs(model, planned, dtype, buffer_bytes) -> tuple[list[LayerCandidates], 
 
 def _candidates(model, layers, embeddings, config, calib, device, elem, progress):
     """Each layer's rank candidates from its spectrum: of the weight, or with the data objective of the
-    whitened weight (linears) or the token-weighted table (embeddings), from one calibration pass."""
-    whitenings, token_weights = {}, {}
+    whitened weight (linears) or the token-weighted table (embeddings), from one calibration pass; with
+    the data objective, embeddings also get candidates keeping their frequent rows exactly."""
+    whitenings, token_weights, counts = {}, {}, {}
     if config.objective == "data":
         if calib is None:
             raise UserError("objective 'data' needs calibration batches: pass calib=[input batches]")
         calib = list(calib)  # read twice: the calibration pass, then the model-scale probe
         with counting_tokens(model, embeddings) as counts:
             whitenings = whitenings_from(model, layers, calib, device, progress)
-        token_weights = {layer.site.name: row_weights(counts[layer.site.name],
-                                                      model.get_submodule(layer.site.name).padding_idx)
+        token_weights = {layer.site.name: row_weights(counts[layer.site.name], _padding(model, layer))
                          for layer in embeddings}
     for layer in embeddings:
         progress(0, len(embeddings), f"spectrum of {layer.site.name}")
@@ -169,11 +170,20 @@ def _candidates(model, layers, embeddings, config, calib, device, elem, progress
         wh = whitenings.get(layer.site.name)
         s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
         layer.candidates = rank_candidates(layer, s, config, elem)
+    scales = None
     if model_scale(config, embeddings):
         batch = next(iter(calib)).to(device)
-        rescale(layers + embeddings, model_error_scales(model, layers + embeddings, batch, whitenings, token_weights,
-                                                        progress))
+        scales = model_error_scales(model, layers + embeddings, batch, whitenings, token_weights, progress)
+        rescale(layers + embeddings, scales)
+    for layer in embeddings if counts else ():  # after the probes, which measure the factors alone
+        name = layer.site.name
+        kept = kept_candidates(layer, counts[name], token_weights[name], _padding(model, layer), config, elem)
+        layer.candidates += kept if scales is None else rescaled(kept, scales[name])
     return whitenings, token_weights
+
+
+def _padding(model, layer) -> int | None:
+    return model.get_submodule(layer.site.name).padding_idx
 
 
 def model_scale(config: LowRankConfig, embeddings: list) -> bool:
