@@ -112,8 +112,8 @@ def render_jactus(plan: dict, console) -> None:
               show_default=True, help="WASI training rule: optimizer-step: L, R stepped by the optimizer and re-orthonormalised "
                    "(momentum, AdamW, DDP); or the paper's subspace iteration inside backward (plain SGD). 'factored' is the "
                    "old name of optimizer-step.")
-@click.option("--threshold", type=float, default=0.6, show_default=True, help="Explained variance of each weight's subspace "
-              "(the paper uses 0.8).")
+@click.option("--threshold", type=float, default=None, help="Explained variance of each weight's subspace "
+              "(default 0.6; 0.95 for text models, whose pretrained spectra need more; the paper uses 0.8).")
 @click.option("--activation-threshold", type=float, default=0.98, show_default=True,
               help="Explained variance of each saved input's Tucker ranks (without --activation-budget).")
 @click.option("--activation-budget", default=None, help="Bytes for the saved inputs of the compressed layers (e.g. 2MB); "

@@ -112,7 +112,7 @@ def _same_outputs(trained, path, ids):
 @pytest.mark.slow
 @pytest.mark.parametrize("method, replaced", [("vanilla", 0), ("wasi", BLOCK_LINEARS)])
 def test_a_base_encoder_gets_a_head_learns_the_task_and_reloads(hf_dirs, task, tmp_path, method, replaced):
-    result = _finetune(f"hf:{hf_dirs['bert']}", f"text:{task}", tmp_path, method=method)
+    result = _finetune(f"hf:{hf_dirs['bert']}", f"text:{task}", tmp_path, method=method, threshold=0.6)
     doc = result.doc
     assert sum(layer["module"] == "wasi" for layer in doc["layers"]) == replaced
     heads = [layer for layer in doc["layers"] if layer["role"] == "head"]
@@ -130,7 +130,7 @@ def test_a_base_encoder_gets_a_head_learns_the_task_and_reloads(hf_dirs, task, t
 
 @pytest.mark.slow
 def test_a_sequence_classifier_is_resized_and_reloads(cli, hf_dirs, task, tmp_path):
-    result = _finetune(f"hf:{hf_dirs['bertcls']}", f"text:{task}", tmp_path, epochs=1)
+    result = _finetune(f"hf:{hf_dirs['bertcls']}", f"text:{task}", tmp_path, epochs=1, threshold=0.6)
     assert "classifier reset from 3 to 2 classes" in " ".join(result.doc["notes"])
     assert sum(layer["module"] == "wasi" for layer in result.doc["layers"]) == BLOCK_LINEARS
     ids = torch.randint(2, len(WORDS) + 2, (2, 16))
@@ -199,7 +199,7 @@ def test_the_builtin_task_is_fixed_balanced_and_from_the_standard_library():
 def test_finetune_on_the_builtin_task_through_the_command(cli, hf_dirs, tmp_path):
     out, doc_path = tmp_path / "ft.safetensors", tmp_path / "ft.json"
     result = cli("finetune", f"hf:{hf_dirs['bert']}", "--data", "stdlib-docs", "--epochs", "1", "--seq-len", "16",
-                 "-o", out, "--json", doc_path)
+                 "--threshold", "0.6", "-o", out, "--json", doc_path)
     assert result.exit_code == 0, result.output
     assert f"linear layers: 2 dense, {BLOCK_LINEARS} wasi" in result.output
     doc = json.loads(doc_path.read_text())
@@ -270,9 +270,23 @@ def test_the_real_minilm_fine_tunes_with_wasi(tmp_path):
          "Why did prices go up?", "The train is late.", "When does the train leave?", "She reads a book.",
          "What does she read?"])))
     result = _finetune("builtin:minilm", f"text:{path}", tmp_path, epochs=1, batch_size=4, seq_len=32)
-    assert sum(layer["module"] == "wasi" for layer in result.doc["layers"]) == 36
+    # the text models' default threshold (0.95): every block linear trained in its subspace (wasi) or, where
+    # that rank is above break-even, with a dense weight and a compressed input (asi)
+    modules = [layer["module"] for layer in result.doc["layers"] if layer["role"] not in ("head", "other")]
+    assert result.doc["threshold"] == 0.95 and len(modules) == 36 and set(modules) == {"wasi", "asi"}
     assert result.doc["memory"]["peak_bytes"] < result.doc["memory_vanilla"]["peak_bytes"]
     from wasi_compress.convert.tokens import tokenize_lines
 
     ids = tokenize_lines(result.model, ["Is this a question?", "This is a statement."], 32)
     assert _same_outputs(result.model, tmp_path / "ft.safetensors", ids)(ids).shape == (2, 2)
+
+
+def test_the_default_weight_threshold_depends_on_the_model_kind():
+    """Without --threshold: 0.6 for image models, 0.95 for text models; a given threshold is kept."""
+    from wasi_compress.finetune import FinetuneConfig
+
+    config = FinetuneConfig(model="builtin:minilm", data="stdlib-docs")
+    assert config.threshold is None and config.wasi_config().threshold == 0.6
+    assert config.resolved(text_model=True).threshold == 0.95 and config.resolved(text_model=False).threshold == 0.6
+    assert FinetuneConfig(model="m", data="d", threshold=0.7).resolved(text_model=True).threshold == 0.7
+    assert FinetuneConfig.from_json(config.to_json()).threshold is None

@@ -32,6 +32,12 @@ SCHEDULES = ("cosine", "constant")
 # subspace-iteration rule, threshold 0.8) are an option: --momentum 0 --update subspace-iteration
 # --threshold 0.8 (lr 0.05 is the default without momentum).
 DEFAULT_LR = {"sgd": 0.01, "sgd-no-momentum": 0.05, "adamw": 3e-4}
+# The weight threshold without --threshold: 0.6 for image models (above); TEXT_THRESHOLD for text models.
+# A pretrained text encoder's weights carry what it knows in more of their spectrum: on builtin:minilm ->
+# stdlib-docs (one epoch) WASI reached 21.0% held-out at 0.6, 45.7% at 0.8, 53.0% at 0.9 and 60.3%
+# at 0.95, against vanilla's 57.3% (benchmarks/finetune_minilm_stdlib_docs.txt)
+DEFAULT_THRESHOLD = 0.6
+TEXT_THRESHOLD = 0.95
 # JACTUS trains only the cores C in fixed bases: a step on C moves W by the gradient projected onto the
 # union subspace, with no factor to amplify it (a step on L, R of W = L R moves W by about
 # L L^T G + G R^T R), so at lr 0.01 it lagged on mnist-rot (61.7% on seed 0); lr 0.03 gave 65.2% and 0.05
@@ -48,7 +54,7 @@ class FinetuneConfig:
     data: str
     method: str = "wasi"
     update: str = "optimizer-step"
-    threshold: float = 0.6
+    threshold: float | None = None  # None: DEFAULT_THRESHOLD, or TEXT_THRESHOLD for a text model (see resolved)
     # 0.98: on builtin:mnist-vit -> digits the relative weight-gradient error of Tucker ranks at 0.8 of the
     # activation energy is 0.5-0.7 per layer (at 0.95: 0.2-0.4), which costs accuracy (0.95 left WASI 0.56
     # points behind vanilla), while the compressed inputs stay small beside the weights
@@ -108,6 +114,8 @@ class FinetuneConfig:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("threshold", "activation_threshold"):
             value = getattr(self, name)
+            if name == "threshold" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {value!r}")
             setattr(self, name, float(value))
@@ -240,9 +248,16 @@ class FinetuneConfig:
         return {"-o": self.output, "the resume state": f"{self.output}.resume.pt" if self.output else None,
                 "--json": self.json_path, "--report": report_html(self.report_dir)}
 
+    def resolved(self, text_model: bool) -> FinetuneConfig:
+        """These settings with the weight threshold decided for the model (when --threshold was not given)."""
+        if self.threshold is not None:
+            return self
+        return dataclasses.replace(self, threshold=TEXT_THRESHOLD if text_model else DEFAULT_THRESHOLD)
+
     def wasi_config(self) -> WasiConfig:
         """The transform's part of these settings (`prepare_training_`)."""
-        return WasiConfig(method=self.method, update=self.update, threshold=self.threshold,
+        threshold = DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+        return WasiConfig(method=self.method, update=self.update, threshold=threshold,
                           activation_threshold=self.activation_threshold, activation_budget=self.activation_budget,
                           calibration_thresholds=self.calibration_thresholds, finetune_last=self.finetune_last,
                           lr=self.effective_lr, weight_decay=self.weight_decay, allow_unchanged=self.allow_unchanged)

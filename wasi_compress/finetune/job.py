@@ -74,8 +74,8 @@ class FinetuneRun:
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, loaded) -> None:
-        config = self.config
         self.loaded = loaded = self._load(loaded)
+        config = self.config  # resolved for the model (its default threshold)
         model = loaded.model.to(config.device)
         n_calib = min(config.batch_size, len(self.data.train))
         self.calib_x = self.data.batch(self.data.train.images[:n_calib])
@@ -97,6 +97,7 @@ class FinetuneRun:
             loaded = load_model(config.model, arch=config.arch, weights=config.weights, trust_pickle=config.trust_pickle,
                                 trust_code=config.trust_code,
                                 num_classes=config.num_classes, img_size=config.img_size, seq_len=config.seq_len)
+        self.config = config = config.resolved(text_model=is_text_model(loaded.model))  # the default threshold
         self.status("loading the data")
         self.data = training_data(config, loaded)
         self.notes += self.data.notes
