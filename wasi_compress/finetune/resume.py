@@ -102,6 +102,8 @@ def check_resume(config: FinetuneConfig, state: dict[str, Any], world: int, path
              **json.loads(state["config"])}
     saved["update"] = canonical_update(saved["update"])  # a state written before the rename
     now = config.to_dict()
+    if saved.get("threshold") is None:  # written without one: the default for this model, as this run resolves it
+        saved["threshold"] = now.get("threshold")
     keys = _RESUME_KEYS + (("epochs",) if config.schedule == "cosine" else ())
     for key in keys:
         if _resolved(saved, key, world) != _resolved(now, key, world):
