@@ -41,16 +41,17 @@ def cli(vit_models) -> Callable[..., Result]:
     return run
 
 
-def _assert_one_line_error(result: Result, *fragments: str) -> str:
+def _assert_one_line_error(result: Result, *fragments: str, status_on_stdout: bool = False) -> str:
     """The contract for bad input: exit code 2, exactly one line on stderr, no traceback, nothing on
-    stdout; the line contains every fragment given (case-insensitive)."""
+    stdout (``status_on_stdout``: finetune prints its status lines, "loading the data", there); the line
+    contains every fragment given (case-insensitive)."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     assert "Traceback" not in result.output
-    assert result.stdout == ""
+    assert status_on_stdout or result.stdout == ""
     for fragment in fragments:
         assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
     return lines[0]
@@ -59,6 +60,23 @@ def _assert_one_line_error(result: Result, *fragments: str) -> str:
 @pytest.fixture
 def assert_one_line_error() -> Callable[..., str]:
     return _assert_one_line_error
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network: HF_HUB_OFFLINE=1, an empty HF cache, and any socket connection fails the test
+    (``pytestmark = pytest.mark.usefixtures("offline")`` in the modules that load HF models)."""
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ and (vision) fine-tuned; all offline, with an empty HF cache."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -45,18 +44,7 @@ def hf_dirs(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """No network: HF_HUB_OFFLINE=1, an empty HF cache, and any socket connection fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no network, an empty HF cache
 
 
 def _load(spec, **kw):

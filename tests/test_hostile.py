@@ -37,16 +37,10 @@ def _leftovers(folder: Path, inputs: set[str]) -> list[str]:
 
 
 def _one_error_line(result, *fragments: str) -> str:
-    """The contract on stderr, for finetune, which prints its status lines ("loading the data") on stdout:
-    exit code 2, exactly one line on stderr starting with "error: ", no traceback anywhere."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
-    return lines[0]
+    """finetune prints its status lines on stdout; the rest of conftest's contract holds."""
+    from conftest import _assert_one_line_error
+
+    return _assert_one_line_error(result, *fragments, status_on_stdout=True)
 
 
 @pytest.fixture
