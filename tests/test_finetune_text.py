@@ -273,3 +273,22 @@ def test_the_default_weight_threshold_depends_on_the_model_kind():
     assert config.resolved(text_model=True).threshold == 0.95 and config.resolved(text_model=False).threshold == 0.6
     assert FinetuneConfig(model="m", data="d", threshold=0.7).resolved(text_model=True).threshold == 0.7
     assert FinetuneConfig.from_json(config.to_json()).threshold is None
+
+
+def test_a_text_file_calibrates_on_every_line_unless_told(hf_dirs, tmp_path):
+    """convert --objective data --calib FILE on a text model: without --calib-batches every line is a
+    calibration sentence (the embedding's token counts need them); with it, the first batches, noted."""
+    from wasi_compress.convert import ConvertConfig
+    from wasi_compress.convert.tokens import calibration_token_batches
+    from wasi_compress.loading import load_model
+
+    model = load_model(f"hf:{hf_dirs['bert']}", seq_len=16).model
+    path = tmp_path / "calib.txt"
+    rng = random.Random(1)
+    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=6)) for _ in range(100)) + "\n")
+    for batches, rows, noted in ((None, 100, False), (2, 64, True)):
+        notes: list[str] = []
+        config = ConvertConfig(budget="1MB", objective="data", calib=str(path), calib_batches=batches)
+        got = calibration_token_batches(config, model, notes)
+        assert sum(len(b) for b in got) == rows and all(len(b) <= 32 for b in got)
+        assert any("first 64 of its 100 lines" in n for n in notes) is noted

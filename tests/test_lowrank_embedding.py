@@ -260,3 +260,26 @@ def test_padding_positions_are_left_out_of_the_calibration_statistics():
         if pad is not None:  # the same second moment as the real tokens' rows alone
             real = model.embed(ids[ids != 0])
             assert torch.allclose(whitenings["fc1"].gram, real.double().T @ real.double())
+
+
+def test_kept_rows_are_probed_on_rows_held_out_of_the_counts():
+    """An embedding's model-scale error is measured on the first calibration rows with the other rows'
+    counts: their tokens the others never used meet the factors, as unseen text would. Where the
+    held-out rows use only kept rows, no s is measured for those candidates (the plain probes' s stands);
+    the plain factorization serves every row, so it is always measured."""
+    from wasi_compress.transforms._lowrank_embeddings import embedding_layers
+    from wasi_compress.transforms._sensitivity import PLAIN, held_out_scales
+
+    model = TinyTextModel().eval()
+    layer = embedding_layers(model, [])[0]
+    config = LowRankConfig(budget=10**6, objective="data")
+    common = [torch.randint(1, 30, (8, 9), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    rare = torch.arange(300, 300 + 8 * 9).reshape(8, 9)  # every token seen by these rows alone
+    for first, measured in ((rare, True), (common[0], False)):
+        calib = [first, *common]
+        counts = torch.bincount(torch.cat(calib).flatten(), minlength=600).to(torch.float64)
+        scales = held_out_scales(model, layer, calib, counts, 0, config, 4)
+        assert (1.0 in scales) is measured and PLAIN in scales
+        if measured:  # the held-out rows' error is real: every probe rank has a positive s
+            assert all(s > 0 for _, s in scales[1.0])
+

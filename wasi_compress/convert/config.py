@@ -14,6 +14,7 @@ from wasi_compress.errors import UserError
 from wasi_compress.transforms.config import LowRankConfig
 
 _FLAGS = {"output": "-o/--output"}
+IMAGE_CALIB_BATCHES = 8  # calibration batches of images when --calib-batches is not given
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ConvertConfig(LowRankConfig):
     (``output``, ``onnx``, ``json``, ``report``) are optional: without them `convert` writes nothing."""
 
     calib: str | None = None          # mnist, digits, an image folder, or random; needed by objective=data
-    calib_batches: int = 8
+    calib_batches: int | None = None  # None: IMAGE_CALIB_BATCHES of images; a text file's every line (tokens.py)
     calib_batch_size: int = 32
     eval: str | None = None           # mnist, digits or an image folder: top-1 before and after
     eval_batch_size: int = 64
@@ -48,7 +49,8 @@ class ConvertConfig(LowRankConfig):
                                 f"got {self.thresholds!r}") from None
         super().__post_init__()
         for name in ("calib_batches", "calib_batch_size", "eval_batch_size", "opset"):
-            self.check_int(name, 1)
+            if name != "calib_batches" or self.calib_batches is not None:
+                self.check_int(name, 1)
         if self.opset < 17:
             raise UserError(f"--opset: needs 17 or later, got {self.opset}")
         if self.objective == "data" and not self.calib:

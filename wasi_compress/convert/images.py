@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from wasi_compress.loading import LoadedModel
+from wasi_compress.convert.config import IMAGE_CALIB_BATCHES
 
 
 def calibration_batches(config, loaded: LoadedModel, notes: list[str]) -> list[torch.Tensor]:
@@ -19,7 +20,7 @@ def calibration_batches(config, loaded: LoadedModel, notes: list[str]) -> list[t
         return calibration_token_batches(config, loaded.model, notes)
 
     c, h, w = loaded.input_size
-    n = config.calib_batches * config.calib_batch_size
+    n = (config.calib_batches or IMAGE_CALIB_BATCHES) * config.calib_batch_size
     if config.calib == "random":
         images = random_images(n, c, (h, w), seed=config.seed)
         notes.append(f"calibrated on {n} uniform-noise images (no data given)")

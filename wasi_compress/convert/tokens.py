@@ -12,11 +12,21 @@ from torch import nn
 from wasi_compress.errors import UserError
 
 
+TEXT_CALIB_LINES = 4096  # a text file's lines read without --calib-batches, at most
+
+
 def calibration_token_batches(config, model: nn.Module, notes: list[str]) -> list[torch.Tensor]:
+    """Without ``calib_batches``, a text file calibrates on every line (up to TEXT_CALIB_LINES): a
+    sentence costs one short forward pass, and the embedding's token counts need many (unseen tokens
+    are what limits a factored table, see transforms/_lowrank_embeddings.py)."""
+    from wasi_compress.convert.config import IMAGE_CALIB_BATCHES
     from wasi_compress.inputs import token_ids
 
-    tokens = model.token_input
-    n, bs = config.calib_batches * config.calib_batch_size, config.calib_batch_size
+    tokens, bs = model.token_input, config.calib_batch_size
+    if config.calib_batches is not None:
+        n = config.calib_batches * bs
+    else:
+        n = IMAGE_CALIB_BATCHES * bs if config.calib == "random" else TEXT_CALIB_LINES
     if config.calib == "random":
         ids = token_ids(tokens, n, seed=config.seed)
         notes.append(f"calibrated on {n} sequences of uniform random token ids (no text given)")
@@ -26,8 +36,10 @@ def calibration_token_batches(config, model: nn.Module, notes: list[str]) -> lis
             raise UserError(f"--calib {config.calib}: a text model calibrates on a text file (one sentence a line) "
                             "or random")
         ids = tokenize_lines(model, read_lines(path), tokens.seq_len)
-        if len(ids) < n:
+        if config.calib_batches is not None and len(ids) < n:
             notes.append(f"calibration text {path.name} has {len(ids)} lines, fewer than {n} asked for")
+        if len(ids) > n:
+            notes.append(f"calibration text {path.name}: the first {n} of its {len(ids)} lines used")
         ids = ids[:n]
     return [ids[i:i + bs] for i in range(0, len(ids), bs)]
 

@@ -36,7 +36,11 @@ from wasi_compress.transforms._lowrank_candidates import SiteWeights, rank_candi
 
 MIN_SIDE = 8      # smaller tables (token types, a handful of positions) are not worth a candidate
 UNSEEN_CAP = 0.5  # the unseen tokens' mass at most (a calibration of singletons alone says little)
-KEPT_COVERAGE = (0.5, 0.75, 0.9, 1.0)  # shares of the calibration tokens whose rows a candidate keeps
+# shares of the calibration tokens whose rows a candidate keeps; the steps near 1 let a plan keep the
+# repeated tokens without the singletons, which unseen text meets least (MiniLM at half its bytes with
+# 1471 calibration sentences: 0.95 and 0.98 added lifted the held-out mean cosine, with PROBE_ROWS 32,
+# from 0.9535/0.9509 to 0.9584/0.9557 on two draws of them)
+KEPT_COVERAGE = (0.5, 0.75, 0.9, 0.95, 0.98, 1.0)
 
 
 @dataclass
@@ -121,43 +125,50 @@ def row_weights(counts: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
     return w
 
 
-def frequent_rows(counts: torch.Tensor, padding_idx: int | None) -> list[torch.Tensor]:
+def frequent_rows(counts: torch.Tensor, padding_idx: int | None) -> dict[float, torch.Tensor]:
     """Per share in KEPT_COVERAGE, the fewest most frequent rows (ties: lower id first) that cover that
-    share of the calibration tokens."""
+    share of the calibration tokens (two shares may give the same rows)."""
     counts = counts.to(torch.float64).clone()
     if padding_idx is not None:
         counts[padding_idx] = 0
     total = float(counts.sum())
     if total == 0:
-        return []
+        return {}
     order = torch.argsort(counts, descending=True, stable=True)
     cumulative = torch.cumsum(counts[order], 0)
     seen = int((counts > 0).sum())
-    sizes = sorted({min(int(torch.searchsorted(cumulative, share * total * (1 - 1e-12))) + 1, seen)
-                    for share in KEPT_COVERAGE})
-    return [order[:n] for n in sizes]
+    return {share: order[:min(int(torch.searchsorted(cumulative, share * total * (1 - 1e-12))) + 1, seen)]
+            for share in KEPT_COVERAGE}
 
 
-def kept_candidates(layer: SiteWeights, counts: torch.Tensor, weights: torch.Tensor, padding_idx: int | None,
-                    config, elem: int) -> list[Candidate]:
-    """Candidates that keep frequent rows exactly beside a rank k of the rest: cost k (vocab + d) + (n + 1) d
+def kept_family(layer: SiteWeights, rows: torch.Tensor, weights: torch.Tensor, config, elem: int) -> list[Candidate]:
+    """The candidates keeping `rows` exactly beside a rank k of the rest: cost k (vocab + d) + (n + 1) d
     elements + the int32 slots; error the rest's weighted residual over the whole table's weighted energy.
-    Records label -> rows in ``layer.kept``; only those cheaper than the dense table."""
+    Only those cheaper than the dense table."""
     vocab, width = layer.site.out_features, layer.site.in_features
     table = layer.weight.to(torch.float64)
     energy = float((table.square().sum(1) * weights).sum()) or 1.0
-    out = []
-    for rows in frequent_rows(counts, padding_idx):
-        rest = weights.clone()
-        rest[rows] = 0.0
-        spectrum = singular_values(table * rest.sqrt()[:, None])
-        share = math.sqrt(float(spectrum.double().square().sum()) / energy)
-        extra = (rows.numel() + 1) * width * elem + vocab * 4
-        for c in rank_candidates(layer, spectrum, config, elem):
-            if c.rank is not None and c.cost_bytes + extra < vocab * width * elem:
-                label = f"rank {c.rank} + {rows.numel()} rows"
-                out.append(Candidate(c.cost_bytes + extra, c.error * share, c.rank, label))
-                layer.kept[label] = rows
+    rest = weights.clone()
+    rest[rows] = 0.0
+    spectrum = singular_values(table * rest.sqrt()[:, None])
+    share = math.sqrt(float(spectrum.double().square().sum()) / energy)
+    extra = (rows.numel() + 1) * width * elem + vocab * 4
+    return [Candidate(c.cost_bytes + extra, c.error * share, c.rank, f"rank {c.rank} + {rows.numel()} rows")
+            for c in rank_candidates(layer, spectrum, config, elem)
+            if c.rank is not None and c.cost_bytes + extra < vocab * width * elem]
+
+
+def kept_candidates(layer: SiteWeights, counts: torch.Tensor, weights: torch.Tensor, padding_idx: int | None,
+                    config, elem: int) -> dict[float, list[Candidate]]:
+    """Per coverage share (rows already taken by a smaller share left out), the `kept_family` of the
+    calibration's most frequent rows; records label -> rows in ``layer.kept``."""
+    out, done = {}, set()
+    for share, rows in frequent_rows(counts, padding_idx).items():
+        if rows.numel() in done:
+            continue
+        done.add(rows.numel())
+        out[share] = kept_family(layer, rows, weights, config, elem)
+        layer.kept.update((c.label, rows) for c in out[share])
     return out
 
 

@@ -33,7 +33,7 @@ from wasi_compress.transforms._lowrank_candidates import (
 from wasi_compress.transforms._lowrank_embeddings import (
     counting_tokens, embedding_layers, embedding_spectrum, factor_embeddings, kept_candidates, row_weights,
 )
-from wasi_compress.transforms._sensitivity import model_error_scales, rescale, rescaled
+from wasi_compress.transforms._sensitivity import PLAIN, held_out_scales, model_error_scales, rescale, rescaled
 from wasi_compress.transforms.config import LowRankConfig
 from wasi_compress.marks import mark_module
 
@@ -170,15 +170,21 @@ def _candidates(model, layers, embeddings, config, calib, device, elem, progress
         wh = whitenings.get(layer.site.name)
         s = singular_values(layer.weight) if wh is None else whitened_singular_values(layer.weight, wh)
         layer.candidates = rank_candidates(layer, s, config, elem)
-    scales = None
+    scales, held = None, {}
     if model_scale(config, embeddings):
         batch = next(iter(calib)).to(device)
         scales = model_error_scales(model, layers + embeddings, batch, whitenings, token_weights, progress)
+        for layer in embeddings if counts else ():
+            progress(0, 1, f"held-out error of {layer.site.name}")
+            held[layer.site.name] = held_out_scales(model, layer, calib, counts[layer.site.name],
+                                                    _padding(model, layer), config, elem)
+            scales[layer.site.name] = held[layer.site.name].get(PLAIN, scales[layer.site.name])
         rescale(layers + embeddings, scales)
     for layer in embeddings if counts else ():  # after the probes, which measure the factors alone
         name = layer.site.name
-        kept = kept_candidates(layer, counts[name], token_weights[name], _padding(model, layer), config, elem)
-        layer.candidates += kept if scales is None else rescaled(kept, scales[name])
+        families = kept_candidates(layer, counts[name], token_weights[name], _padding(model, layer), config, elem)
+        for share, family in families.items():
+            layer.candidates += family if scales is None else rescaled(family, held.get(name, {}).get(share, scales[name]))
     return whitenings, token_weights
 
 
