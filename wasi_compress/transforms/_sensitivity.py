@@ -10,9 +10,10 @@ How: per layer, a few probe ranks (``PROBES``, spread over its candidates' bytes
 would be (one factorization, truncated), swapped in alone, and the model's output on a calibration
 batch is compared with the original's: s(k) = ||f_k(x) - f(x)||_F / ||f(x)||_F over the probe's
 layer-scale error. Every candidate's error is multiplied by s interpolated at its rank (first order
-across layers: errors of different layers add). An embedding's candidates are probed on held-out rows instead (`held_out_scales`): the first
-calibration rows are left out of the token counts that weight the factors and choose the kept rows, so
-the tokens of theirs that the other rows never used meet the factors as unseen text would. On the rows
+across layers: errors of different layers add). An embedding's candidates are probed on held-out rows
+instead (`held_out_scales`): the first calibration rows are left out of the token counts that weight
+the factors and choose the kept rows, so the tokens of theirs that the other rows never used meet the
+factors as unseen text would. On the rows
 it counted, a probe would see every kept row exact and the factors fitted to the very tokens it runs:
 it would miss the error unseen tokens meet. Priced that way the planner spent too little on MiniLM's
 unseen tokens (rank 13 + 2809 rows, held-out mean cosine 0.948). Where the held-out rows miss no row
@@ -37,7 +38,7 @@ from wasi_compress.transforms._lowrank_embeddings import counting_tokens, freque
 
 PROBES = 5          # probe ranks per layer
 PROBE_ROWS = 32     # calibration rows the model runs per probe (8 sentences left s noisy on MiniLM)
-HELD_OUT_ROWS = 64  # calibration rows the kept-row probes hold out of the token counts, at most
+HELD_OUT_ROWS = 64  # calibration rows the embeddings' probes hold out of the token counts, at most
 MIN_MISSED = 16     # lookups of rows not kept the held-out rows must make for a measured s
 PLAIN = 0.0         # the key of the plain factorization (no rows kept) in `held_out_scales`
 
@@ -58,13 +59,7 @@ def _truncations(dense: nn.Module, top: int, whitening, weights):
         return lambda k: SubspaceLinear(full.L.detach()[:, :k], full.R.detach()[:k], bias)
     if type(dense) is nn.Embedding:
         full = LowRankEmbedding.from_embedding(dense, top, weights)
-
-        def at(k: int) -> LowRankEmbedding:
-            new = LowRankEmbedding(full.num_embeddings, full.embedding_dim, k, padding_idx=full.padding_idx)
-            new.A.data, new.B.data = full.A.detach()[:, :k], full.B.detach()[:k]
-            return new
-
-        return at
+        return lambda k: _sliced(full, k)
     return None
 
 
@@ -160,8 +155,14 @@ def held_out_scales(model: nn.Module, layer, calib: list, counts: torch.Tensor, 
     fit = counts.to(torch.float64) - held[name]  # the other rows' counts
     weights, scales = row_weights(fit, padding), {}
     families = {PLAIN: torch.zeros(0, dtype=torch.long), **frequent_rows(fit, padding)}
+    by_size: dict[int, float] = {}  # two shares may keep the same rows: probed once
     try:
         for share, rows in families.items():
+            if rows.numel() in by_size:
+                if by_size[rows.numel()] in scales:
+                    scales[share] = scales[by_size[rows.numel()]]
+                continue
+            by_size[rows.numel()] = share
             missed = held[name].clone()
             missed[rows] = 0
             if padding is not None:

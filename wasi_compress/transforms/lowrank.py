@@ -172,13 +172,15 @@ def _candidates(model, layers, embeddings, config, calib, device, elem, progress
         layer.candidates = rank_candidates(layer, s, config, elem)
     scales, held = None, {}
     if model_scale(config, embeddings):
-        batch = next(iter(calib)).to(device)
-        scales = model_error_scales(model, layers + embeddings, batch, whitenings, token_weights, progress)
         for layer in embeddings if counts else ():
             progress(0, 1, f"held-out error of {layer.site.name}")
             held[layer.site.name] = held_out_scales(model, layer, calib, counts[layer.site.name],
                                                     _padding(model, layer), config, elem)
-            scales[layer.site.name] = held[layer.site.name].get(PLAIN, scales[layer.site.name])
+        # the plain probes on counted rows only for what the held-out rows could not measure
+        unmeasured = [layer for layer in embeddings if PLAIN not in held.get(layer.site.name, {})]
+        batch = next(iter(calib)).to(device)
+        scales = model_error_scales(model, layers + unmeasured, batch, whitenings, token_weights, progress)
+        scales.update({name: h[PLAIN] for name, h in held.items() if PLAIN in h})
         rescale(layers + embeddings, scales)
     for layer in embeddings if counts else ():  # after the probes, which measure the factors alone
         name = layer.site.name
